@@ -1,0 +1,18 @@
+# nnqc-pipe: segmentation quality control with nnQC. Stages live in rules/, logic in src/nnqc_pipe/.
+
+
+include: "rules/common.smk"
+include: "rules/ingest.smk"
+include: "rules/plan.smk"
+include: "rules/preprocess.smk"
+include: "rules/degrade.smk"
+
+
+rule all:
+    input:
+        f"{OUT}/subjects.tsv",
+        f"{OUT}/fingerprint.json",
+        f"{OUT}/plan.json",
+        preprocessed_all,
+        f"{OUT}/degraded/manifest.parquet" if HAS_LABELS else [],
+    default_target: True

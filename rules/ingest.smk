@@ -1,0 +1,51 @@
+# Ingestion: the demo cohort, per-subject validation, and the deterministic split.
+
+
+if config["demo"]["enabled"]:
+
+    rule demo_cohort:
+        output:
+            images=expand(config["images"], subject=SUBJECTS),
+            labels=expand(config["labels"], subject=SUBJECTS) if HAS_LABELS else [],
+        params:
+            out_dir=os.path.dirname(os.path.dirname(config["images"])),
+            n=config["demo"]["n_subjects"],
+            seed=config["demo"]["seed"],
+        log:
+            f"{LOGS}/demo_cohort.log",
+        shell:
+            "{NNQC} demo-cohort --out-dir {params.out_dir} --n-subjects {params.n} --seed {params.seed} > {log} 2>&1"
+
+
+rule inspect:
+    input:
+        image=image_path,
+        label=label_path,
+    output:
+        f"{OUT}/inspect/{{subject}}.json",
+    params:
+        label=lambda w, input: input.label if HAS_LABELS else "none",
+        values=LABEL_VALUES,
+    log:
+        f"{LOGS}/inspect/{{subject}}.log",
+    shell:
+        "{NNQC} inspect --subject {wildcards.subject} --image {input.image:q} --label {params.label:q} "
+        "--label-values {params.values} --out {output} > {log} 2>&1"
+
+
+checkpoint split:
+    input:
+        expand(f"{OUT}/inspect/{{subject}}.json", subject=SUBJECTS),
+    output:
+        subjects_tsv=f"{OUT}/subjects.tsv",
+        split_tsv=f"{OUT}/split.tsv",
+    params:
+        split=config["split"],
+        on_bad=config["on_bad_subject"],
+    log:
+        f"{LOGS}/split.log",
+    shell:
+        "{NNQC} split --inspect-records {input} --subjects-tsv {output.subjects_tsv} "
+        "--split-tsv {output.split_tsv} --test-fraction {params.split[test_fraction]} "
+        "--val-fraction {params.split[val_fraction]} --seed {params.split[seed]} "
+        "--on-bad-subject {params.on_bad} > {log} 2>&1"

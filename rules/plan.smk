@@ -1,0 +1,31 @@
+# Fingerprint of the training subjects and the plan derived from it.
+
+
+rule fingerprint:
+    input:
+        split_tsv=f"{OUT}/split.tsv",
+        records=lambda w: expand(f"{OUT}/inspect/{{subject}}.json", subject=roles()["train"] + roles()["val"]),
+    output:
+        f"{OUT}/fingerprint.json",
+    params:
+        inspect_dir=f"{OUT}/inspect",
+        modality=config["modality"],
+        label_names=as_json(LABELS),
+    log:
+        f"{LOGS}/fingerprint.log",
+    shell:
+        "{NNQC} fingerprint --split-tsv {input.split_tsv} --inspect-dir {params.inspect_dir} "
+        "--modality {params.modality} --label-names {params.label_names:q} --out {output} > {log} 2>&1"
+
+
+rule plan:
+    input:
+        f"{OUT}/fingerprint.json",
+    output:
+        f"{OUT}/plan.json",
+    params:
+        overrides=as_json(config["plan"]),
+    log:
+        f"{LOGS}/plan.log",
+    shell:
+        "{NNQC} plan --fingerprint-json {input} --overrides {params.overrides:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,123 @@
+"""The ``nnqc-pipe`` command line: one sub-command per workflow stage (called by the rules), plus ``check``.
+
+Options that carry config sections take JSON strings, so a rule passes ``params`` straight through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import __version__, stages
+
+
+def _json(text: str) -> Any:
+    return json.loads(text)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _label_names(text: str) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads(text).items()}
+
+
+def _optional(text: str) -> str | None:
+    return None if text in ("", "none", "None") else text
+
+
+Command = tuple[Callable[..., None], list[tuple[str, dict[str, Any]]]]
+
+COMMANDS: dict[str, Command] = {
+    "demo-cohort": (stages.demo_cohort, [
+        ("--out-dir", {"required": True}),
+        ("--n-subjects", {"type": int, "required": True}),
+        ("--seed", {"type": int, "required": True}),
+    ]),
+    "inspect": (stages.inspect, [
+        ("--subject", {"required": True}),
+        ("--image", {"required": True}),
+        ("--label", {"type": _optional, "default": None}),
+        ("--label-values", {"type": _int_list, "required": True}),
+        ("--out", {"required": True}),
+    ]),
+    "split": (stages.split, [
+        ("--inspect-records", {"nargs": "+", "required": True}),
+        ("--subjects-tsv", {"required": True}),
+        ("--split-tsv", {"required": True}),
+        ("--test-fraction", {"type": float, "required": True}),
+        ("--val-fraction", {"type": float, "required": True}),
+        ("--seed", {"type": int, "required": True}),
+        ("--on-bad-subject", {"choices": ["exclude", "fail"], "default": "exclude"}),
+    ]),
+    "fingerprint": (stages.fingerprint, [
+        ("--split-tsv", {"required": True}),
+        ("--inspect-dir", {"required": True}),
+        ("--modality", {"required": True}),
+        ("--label-names", {"type": _label_names, "required": True}),
+        ("--out", {"required": True}),
+    ]),
+    "plan": (stages.plan, [
+        ("--fingerprint-json", {"required": True}),
+        ("--overrides", {"type": _json, "required": True}),
+        ("--out", {"required": True}),
+    ]),
+    "preprocess": (stages.preprocess, [
+        ("--subject", {"required": True}),
+        ("--image", {"required": True}),
+        ("--label", {"type": _optional, "default": None}),
+        ("--plan-json", {"required": True}),
+        ("--out", {"required": True}),
+    ]),
+    "degrade": (stages.degrade, [
+        ("--subject", {"required": True}),
+        ("--image", {"required": True}),
+        ("--label", {"required": True}),
+        ("--plan-json", {"required": True}),
+        ("--seed", {"type": int, "required": True}),
+        ("--levels", {"type": _int_list, "required": True}),
+        ("--out-masks", {"nargs": "+", "required": True}),
+        ("--manifest", {"required": True}),
+    ]),
+    "degrade-manifest": (stages.degrade_manifest, [
+        ("--inputs", {"nargs": "+", "required": True}),
+        ("--out", {"required": True}),
+    ]),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="nnqc-pipe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"nnqc-pipe {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (func, options) in COMMANDS.items():
+        p = sub.add_parser(name, help=(func.__doc__ or "").splitlines()[0])
+        for flag, kwargs in options:
+            p.add_argument(flag, **kwargs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, set up logging to stderr, run the stage; input errors exit with status 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func, _ = COMMANDS[args.command]
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
+    try:
+        func(**kwargs)
+    except ValueError as exc:
+        logging.getLogger("nnqc_pipe").error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

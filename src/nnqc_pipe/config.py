@@ -1,0 +1,66 @@
+"""Cohort configuration: loading, schema validation (Snakemake's own), label maps and a stable hash."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from snakemake.utils import validate
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schemas" / "config.schema.yaml"
+
+
+def validate_config(config: dict[str, Any], schema: str | os.PathLike = SCHEMA_PATH) -> dict[str, Any]:
+    """Validate ``config`` against the schema, filling defaults in place; raises with the offending key."""
+    validate(config, str(schema), set_default=True)
+    return config
+
+
+def load_config(path: str | os.PathLike, schema: str | os.PathLike = SCHEMA_PATH) -> dict[str, Any]:
+    """Read a YAML config file and validate it."""
+    with open(path) as fh:
+        config = yaml.safe_load(fh) or {}
+    return validate_config(config, schema)
+
+
+def label_map(config: dict[str, Any]) -> dict[int, str]:
+    """Label value in the files -> class name, sorted by value."""
+    return {int(k): v for k, v in sorted(config["label_names"].items(), key=lambda kv: int(kv[0]))}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Short stable hash of a config (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def discover_subjects(pattern: str) -> list[str]:
+    """Subject names whose files match a ``{subject}`` path pattern, sorted."""
+    if pattern.count("{subject}") != 1:
+        raise ValueError(f"path pattern must contain {{subject}} exactly once: {pattern!r}")
+    prefix, suffix = pattern.split("{subject}")
+    regex = re.compile(re.escape(prefix) + r"(?P<subject>[^/]+?)" + re.escape(suffix) + "$")
+    subjects = []
+    for path in glob.glob(glob.escape(prefix) + "*" + glob.escape(suffix)):
+        match = regex.match(path)
+        if match:
+            subjects.append(match.group("subject"))
+    return sorted(set(subjects))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``override`` merged in recursively (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

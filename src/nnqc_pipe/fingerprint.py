@@ -1,0 +1,71 @@
+"""Cohort fingerprint (nnU-Net style) from the per-subject ingestion records of the training subjects.
+
+``fingerprint.json`` fields (all geometry in RAS array order, spacing in mm):
+
+- ``n_subjects``, ``subjects``: the training subjects it was computed from
+- ``modality``, ``label_values``, ``label_names``: from the config; ``labels_seen``: values found in the files
+- ``median_spacing``, ``spacing_min``, ``spacing_max``: voxel spacing per axis
+- ``median_shape``: volume shape; ``median_cropped_shape``: foreground bounding-box size in voxels
+- ``fg_extent_mm_max``: largest foreground extent per axis; ``fg_center_fraction_median``: median centre of
+  the foreground bounding box as a fraction of the field of view
+- ``fg_half_width_mm``: per subject and axis, the distance in mm from the median centre to the far side of
+  the foreground box (the plan sizes its window from it)
+- ``orientations``: count of orientation codes as stored (before reorientation to RAS)
+- ``intensity``: foreground ``mean``, ``std``, ``p00_5``, ``p99_5`` over a pooled sample of foreground voxels
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import numpy as np
+
+
+def compute_fingerprint(
+    records: list[dict[str, Any]], modality: str, label_names: dict[int, str]
+) -> dict[str, Any]:
+    """Aggregate ingestion records (status ok, with labels) into the cohort fingerprint."""
+    records = [r for r in records if r.get("status") == "ok" and r.get("has_label")]
+    if not records:
+        raise ValueError("no usable labelled subject to compute the fingerprint from")
+    spacing = np.array([r["ras_spacing"] for r in records])
+    shapes = np.array([r["ras_shape"] for r in records])
+    cropped = np.array([r["fg_extent_vox"] for r in records])
+    centre = np.median(np.array([r["fg_center_fraction"] for r in records]), axis=0)
+    pooled = np.concatenate([np.asarray(r["intensity"]["sample"], dtype=np.float64) for r in records])
+    return {
+        "n_subjects": len(records),
+        "subjects": [r["subject"] for r in records],
+        "modality": modality,
+        "label_values": sorted(label_names),
+        "label_names": [label_names[v] for v in sorted(label_names)],
+        "labels_seen": sorted({v for r in records for v in r.get("labels_present", [])}),
+        "median_spacing": np.median(spacing, axis=0).tolist(),
+        "spacing_min": spacing.min(axis=0).tolist(),
+        "spacing_max": spacing.max(axis=0).tolist(),
+        "median_shape": np.median(shapes, axis=0).tolist(),
+        "median_cropped_shape": np.median(cropped, axis=0).tolist(),
+        "fg_extent_mm_max": np.max(np.array([r["fg_extent_mm"] for r in records]), axis=0).tolist(),
+        "fg_center_fraction_median": centre.tolist(),
+        "fg_half_width_mm": [half_width_mm(r, centre) for r in records],
+        "orientations": dict(collections.Counter(r["axcodes"] for r in records)),
+        "intensity": {
+            "mean": float(pooled.mean()),
+            "std": float(pooled.std()),
+            "p00_5": float(np.percentile(pooled, 0.5)),
+            "p99_5": float(np.percentile(pooled, 99.5)),
+        },
+    }
+
+
+def half_width_mm(record: dict[str, Any], centre_fraction: np.ndarray) -> list[float]:
+    """Per axis: how far (mm) the subject's foreground box reaches from the window centre placed at
+    ``centre_fraction`` of its field of view."""
+    out = []
+    for axis in range(3):
+        n, s = record["ras_shape"][axis], record["ras_spacing"][axis]
+        c = centre_fraction[axis] * n
+        lo, hi = record["fg_bbox_lo"][axis], record["fg_bbox_hi"][axis] + 1
+        out.append(float(max(c - lo, hi - c) * s))
+    return out

@@ -1,0 +1,458 @@
+"""Aggregation of per-subject scores into the Parquet report, and plots for Snakemake's HTML report.
+
+Input: one scores table per (source, subject), ``scores/{source}/{subject}.parquet``, built by
+:func:`score_rows` from :mod:`nnqc_pipe.metrics` rows. ``predicted_<metric>`` scores the candidate against
+the pseudo ground truth (what nnQC predicts), ``real_<metric>`` against the ground truth (NaN when the subject
+has none). Output (see DESIGN.md, "Report schema"): ``subjects``, ``slices``, ``summary`` and ``ranking``
+tables, each written with the caller's provenance metadata (pipeline version, config and checkpoint hashes).
+
+Rules:
+
+- **Outliers** (per cohort, source and label, over subjects): Tukey fences on the *predicted* scores,
+  ``flag_low_dsc_outlier`` = DSC < Q1 − 1.5·IQR, ``flag_high_hd95_outlier`` = HD95 > Q3 + 1.5·IQR.
+- **qc_pass** (per row, i.e. per subject and label): predicted DSC ≥ ``qc_pass_dsc`` and neither outlier flag.
+  The ``foreground`` row is the subject-level verdict; class rows judge each structure. An undefined HD95
+  alone does not fail a row (both masks empty gives DSC 1; one empty gives DSC 0, which fails).
+- **Summary pools**: ``all`` = every source (only subjects with both predicted and real finite values count,
+  so sources without ground truth add nothing); ``all_degraded`` = the ``degraded_*`` sources only, the
+  controlled benchmark of the paper. ``mae_std`` is the sample standard deviation of the absolute errors.
+- **Ranking**: sources ranked by the mean predicted score over all their subjects and by the mean real score
+  over subjects with ground truth (1 = best, direction from :data:`nnqc_pipe.metrics.HIGHER_IS_BETTER`);
+  Kendall τ between the two over the sources that have both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy import stats
+
+from .io import atomic_path, concat_parquet, write_parquet
+from .metrics import FLAGS, FOREGROUND, HIGHER_IS_BETTER, METRICS
+
+log = logging.getLogger(__name__)
+
+PREDICTED, REAL = "predicted", "real"
+ID_COLUMNS = ["cohort", "source", "subject", "label"]
+DEGRADED_PREFIX = "degraded_"
+ALL_SOURCES = "all"
+ALL_DEGRADED = "all_degraded"
+MIN_PEARSON_PAIRS = 3
+TUKEY_K = 1.5
+COUNT_COLUMNS = {"cand_voxels": "Int64", "pgt_voxels": "Int64", "gt_voxels": "Int64"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Column layouts (fixed dtypes so that the schema does not depend on whether ground truth exists)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pair_columns(metrics: Sequence[str]) -> dict[str, str]:
+    return {f"{kind}_{m}": "float64" for m in metrics for kind in (PREDICTED, REAL)}
+
+
+def scores_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
+    """Column → dtype of a scores table (``scores/{source}/{subject}.parquet``)."""
+    return {
+        **{c: "str" for c in ID_COLUMNS},
+        "level": "str",
+        "slice_index": "Int64",
+        "slice_ratio": "float64",
+        **_pair_columns(metrics),
+        **{f"{kind}_{flag}": "bool" for flag in FLAGS for kind in (PREDICTED, REAL)},
+        **COUNT_COLUMNS,
+        "uncertainty": "float64",
+    }
+
+
+def _flag_columns() -> dict[str, str]:
+    return {
+        "flag_low_dsc_outlier": "bool",
+        "flag_high_hd95_outlier": "bool",
+        **{f"flag_{flag}": "bool" for flag in FLAGS},
+        "flag_below_threshold": "bool",
+        "qc_pass": "bool",
+    }
+
+
+def subjects_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
+    """Column → dtype of ``subjects.parquet``."""
+    return {
+        **{c: "str" for c in ID_COLUMNS},
+        **_pair_columns(metrics),
+        **COUNT_COLUMNS,
+        "uncertainty": "float64",
+        "n_slices": "int64",
+        **_flag_columns(),
+    }
+
+
+def slices_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
+    """Column → dtype of ``slices.parquet``."""
+    return {
+        **{c: "str" for c in ID_COLUMNS},
+        "slice_index": "int64",
+        "slice_ratio": "float64",
+        **_pair_columns(metrics),
+        **COUNT_COLUMNS,
+        "uncertainty": "float64",
+        **{f"flag_{flag}": "bool" for flag in FLAGS},
+    }
+
+
+SUMMARY_SCHEMA = {
+    "cohort": "str",
+    "source": "str",
+    "label": "str",
+    "metric": "str",
+    "n": "int64",
+    "pearson_r": "float64",
+    "mae": "float64",
+    "mae_std": "float64",
+}
+
+
+def ranking_schema(metric: str = "dsc") -> dict[str, str]:
+    """Column → dtype of ``ranking.parquet`` for the ranking ``metric``."""
+    return {
+        "cohort": "str",
+        "source": "str",
+        "n_subjects": "int64",
+        "n_real": "int64",
+        f"mean_{PREDICTED}_{metric}": "float64",
+        f"mean_{REAL}_{metric}": "float64",
+        "predicted_rank": "Int64",
+        "real_rank": "Int64",
+        "kendall_tau": "float64",
+    }
+
+
+def _typed(df: pd.DataFrame, schema: Mapping[str, str]) -> pd.DataFrame:
+    """``df`` with exactly the ``schema`` columns, in order, cast to their dtypes (missing → null)."""
+    out = df.reindex(columns=list(schema))
+    return out.astype(dict(schema)).reset_index(drop=True)
+
+
+def metric_names(df: pd.DataFrame) -> list[str]:
+    """The metrics of :data:`METRICS` that ``df`` carries as ``predicted_<metric>`` columns, in order."""
+    return [m for m in METRICS if f"{PREDICTED}_{m}" in df.columns]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scores stage
+# ---------------------------------------------------------------------------------------------------
+
+
+def score_rows(
+    cohort: str,
+    source: str,
+    subject: str,
+    predicted_rows: Sequence[Mapping[str, Any]],
+    real_rows: Sequence[Mapping[str, Any]] | None,
+    slice_ratio: Sequence[float] | np.ndarray | None,
+    uncertainty: Mapping[tuple[str, int | None], float] | None = None,
+) -> pd.DataFrame:
+    """The scores table of one (source, subject) from :mod:`nnqc_pipe.metrics` rows.
+
+    ``predicted_rows``/``real_rows`` are ``compute_metrics(...) + compute_slice_metrics(...)`` of the candidate
+    against the pseudo-GT and against the GT (None when the subject has no GT; the rows must then cover the
+    same labels and slices). ``slice_ratio[i]`` is the ratio of slice ``i``; ``uncertainty`` maps
+    ``(label, slice_index or None)`` to the pGT disagreement (see ``metrics.sample_disagreement``).
+    """
+    predicted = _prefixed_frame(predicted_rows, PREDICTED, "pgt_voxels")
+    if real_rows is None:
+        table = predicted
+    else:
+        real = _prefixed_frame(real_rows, REAL, "gt_voxels")
+        _check_same_keys(predicted, real, source, subject)
+        table = predicted.merge(real.drop(columns="cand_voxels"), on=["label", "slice_index"], how="left")
+    for flag in FLAGS:
+        table[f"{REAL}_{flag}"] = table.get(f"{REAL}_{flag}", pd.Series(False, index=table.index))
+        table[f"{REAL}_{flag}"] = table[f"{REAL}_{flag}"].fillna(False)
+    table["cohort"], table["source"], table["subject"] = cohort, source, subject
+    table["level"] = np.where(table["slice_index"].isna(), "volume", "slice")
+    table["slice_ratio"] = _slice_ratios(table["slice_index"], slice_ratio)
+    table["uncertainty"] = [
+        (uncertainty or {}).get((label, None if pd.isna(i) else int(i)), np.nan)
+        for label, i in zip(table["label"], table["slice_index"], strict=True)
+    ]
+    return _typed(table, scores_schema(metric_names(table)))
+
+
+def _prefixed_frame(rows: Sequence[Mapping[str, Any]], kind: str, ref_voxels: str) -> pd.DataFrame:
+    """Metric rows as a frame keyed by (label, slice_index), metric and flag columns prefixed by ``kind``."""
+    if not rows:
+        raise ValueError(f"no {kind} metric rows given")
+    df = pd.DataFrame(list(rows))
+    if "slice_index" not in df.columns:
+        df["slice_index"] = pd.NA
+    df["slice_index"] = df["slice_index"].astype("Int64")
+    renames = {m: f"{kind}_{m}" for m in (*METRICS, *FLAGS) if m in df.columns}
+    return df.rename(columns={**renames, "ref_voxels": ref_voxels})
+
+
+def _check_same_keys(predicted: pd.DataFrame, real: pd.DataFrame, source: str, subject: str) -> None:
+    keys = ["label", "slice_index"]
+    pred_keys = set(map(tuple, predicted[keys].astype(object).itertuples(index=False)))
+    real_keys = set(map(tuple, real[keys].astype(object).itertuples(index=False)))
+    if pred_keys != real_keys:
+        raise ValueError(
+            f"{source}/{subject}: predicted and real metric rows cover different (label, slice) pairs"
+        )
+
+
+def _slice_ratios(slice_index: pd.Series, slice_ratio: Sequence[float] | np.ndarray | None) -> np.ndarray:
+    """Ratio per row: ``slice_ratio[slice_index]`` for slice rows, NaN for volume rows or when not given."""
+    out = np.full(len(slice_index), np.nan)
+    if slice_ratio is None:
+        return out
+    ratios = np.asarray(slice_ratio, dtype=np.float64)
+    is_slice = slice_index.notna().to_numpy()
+    indices = slice_index[is_slice].to_numpy(dtype=np.int64)
+    if indices.size and indices.max() >= ratios.size:
+        raise ValueError(f"slice_ratio has {ratios.size} values but slice index {indices.max()} was scored")
+    out[is_slice] = ratios[indices]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report tables
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_subjects(scores: pd.DataFrame, qc_pass_dsc: float) -> pd.DataFrame:
+    """One row per (cohort, source, subject, label) with predicted/real metrics, flags and ``qc_pass``."""
+    metrics = metric_names(scores)
+    volume = scores[scores["level"] == "volume"].copy()
+    n_slices = scores[scores["level"] == "slice"].groupby(ID_COLUMNS).size().rename("n_slices").reset_index()
+    subjects = volume.merge(n_slices, on=ID_COLUMNS, how="left")
+    subjects["n_slices"] = subjects["n_slices"].fillna(0)
+    for flag in FLAGS:
+        subjects[f"flag_{flag}"] = subjects[f"{PREDICTED}_{flag}"]
+    subjects["flag_low_dsc_outlier"] = _tukey_low(subjects, f"{PREDICTED}_dsc")
+    subjects["flag_high_hd95_outlier"] = (
+        _tukey_high(subjects, f"{PREDICTED}_hd95_mm") if "hd95_mm" in metrics else False
+    )
+    subjects["flag_below_threshold"] = ~(subjects[f"{PREDICTED}_dsc"] >= qc_pass_dsc)
+    subjects["qc_pass"] = ~(
+        subjects["flag_below_threshold"] | subjects["flag_low_dsc_outlier"] | subjects["flag_high_hd95_outlier"]
+    )
+    subjects = subjects.sort_values(ID_COLUMNS, kind="stable")
+    return _typed(subjects, subjects_schema(metrics))
+
+
+def _tukey_low(df: pd.DataFrame, column: str) -> pd.Series:
+    """True where ``column`` < Q1 − 1.5·IQR of its (cohort, source, label) group; NaN never flags."""
+    q1, q3 = _group_quartiles(df, column)
+    return (df[column] < q1 - TUKEY_K * (q3 - q1)).fillna(False)
+
+
+def _tukey_high(df: pd.DataFrame, column: str) -> pd.Series:
+    """True where ``column`` > Q3 + 1.5·IQR of its (cohort, source, label) group; NaN never flags."""
+    q1, q3 = _group_quartiles(df, column)
+    return (df[column] > q3 + TUKEY_K * (q3 - q1)).fillna(False)
+
+
+def _group_quartiles(df: pd.DataFrame, column: str) -> tuple[pd.Series, pd.Series]:
+    grouped = df.groupby(["cohort", "source", "label"])[column]
+    return grouped.transform("quantile", q=0.25), grouped.transform("quantile", q=0.75)
+
+
+def build_slices(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per (cohort, source, subject, label, slice_index) with ``slice_ratio`` and the metrics."""
+    slices = scores[scores["level"] == "slice"].copy()
+    for flag in FLAGS:
+        slices[f"flag_{flag}"] = slices[f"{PREDICTED}_{flag}"]
+    slices = slices.sort_values([*ID_COLUMNS, "slice_index"], kind="stable")
+    return _typed(slices, slices_schema(metric_names(scores)))
+
+
+def build_summary(subjects: pd.DataFrame) -> pd.DataFrame:
+    """Agreement of predicted and real scores per (cohort, source or pool, label, metric).
+
+    Pools: ``all`` (every source) and ``all_degraded`` (``degraded_*`` sources). Only subjects with both
+    values finite count (``n``); ``pearson_r`` is NaN below 3 pairs or for a constant side.
+    """
+    rows = []
+    for (cohort, label), group in subjects.groupby(["cohort", "label"], sort=True):
+        for source, members in _source_pools(group):
+            for metric in metric_names(subjects):
+                pred = members[f"{PREDICTED}_{metric}"].to_numpy(dtype=np.float64)
+                real = members[f"{REAL}_{metric}"].to_numpy(dtype=np.float64)
+                rows.append({"cohort": cohort, "source": source, "label": label, "metric": metric,
+                             **_agreement(pred, real)})
+    return _typed(pd.DataFrame(rows), SUMMARY_SCHEMA)
+
+
+def _source_pools(group: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(name, rows) for each source, then the ``all`` and ``all_degraded`` pools."""
+    pools = [(str(source), rows) for source, rows in group.groupby("source", sort=True)]
+    degraded = group[group["source"].str.startswith(DEGRADED_PREFIX)]
+    return [*pools, (ALL_SOURCES, group), (ALL_DEGRADED, degraded)]
+
+
+def _agreement(predicted: np.ndarray, real: np.ndarray) -> dict[str, float | int]:
+    """n, Pearson r, MAE and the sample std of the absolute errors over pairs with both values finite."""
+    both = np.isfinite(predicted) & np.isfinite(real)
+    pred, ref = predicted[both], real[both]
+    errors = np.abs(pred - ref)
+    constant = pred.size and (np.ptp(pred) == 0 or np.ptp(ref) == 0)
+    pearson = np.nan if pred.size < MIN_PEARSON_PAIRS or constant else float(stats.pearsonr(pred, ref)[0])
+    return {
+        "n": int(pred.size),
+        "pearson_r": pearson,
+        "mae": float(errors.mean()) if errors.size else np.nan,
+        "mae_std": float(errors.std(ddof=1)) if errors.size > 1 else np.nan,
+    }
+
+
+def build_ranking(subjects: pd.DataFrame, metric: str = "dsc", label: str = FOREGROUND) -> pd.DataFrame:
+    """One row per (cohort, source): mean predicted/real ``metric`` for ``label``, ranks and Kendall τ.
+
+    Rank 1 is the best source (highest mean for DSC-like metrics, lowest for HD95/RAVD); a source without
+    real values has a null ``real_rank``. ``kendall_tau`` (same value on every row of a cohort) compares the
+    two orders over the sources with both means; NaN with fewer than 2 such sources.
+    """
+    if metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"unknown ranking metric {metric!r}; known: {sorted(HIGHER_IS_BETTER)}")
+    pred_col, real_col = f"mean_{PREDICTED}_{metric}", f"mean_{REAL}_{metric}"
+    rows = subjects[subjects["label"] == label]
+    ranking = (
+        rows.groupby(["cohort", "source"], sort=True)
+        .agg(
+            n_subjects=("subject", "size"),
+            n_real=(f"{REAL}_{metric}", "count"),
+            **{pred_col: (f"{PREDICTED}_{metric}", "mean"), real_col: (f"{REAL}_{metric}", "mean")},
+        )
+        .reset_index()
+    )
+    descending = HIGHER_IS_BETTER[metric]
+    by_cohort = ranking.groupby("cohort")
+    ranking["predicted_rank"] = by_cohort[pred_col].rank(method="min", ascending=not descending)
+    ranking["real_rank"] = by_cohort[real_col].rank(method="min", ascending=not descending)
+    taus = {c: _kendall_tau(g[pred_col], g[real_col]) for c, g in by_cohort}
+    ranking["kendall_tau"] = ranking["cohort"].map(taus).astype("float64")
+    return _typed(ranking, ranking_schema(metric))
+
+
+def _kendall_tau(predicted: pd.Series, real: pd.Series) -> float:
+    """Kendall τ-b between two orders of sources; NaN with < 2 complete sources or a constant side."""
+    both = predicted.notna() & real.notna()
+    pred, ref = predicted[both].to_numpy(), real[both].to_numpy()
+    if pred.size < 2 or np.ptp(pred) == 0 or np.ptp(ref) == 0:
+        return float("nan")
+    return float(stats.kendalltau(pred, ref).statistic)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing the report
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_report(
+    scores_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    cohort: str,
+    qc_pass_dsc: float,
+    metadata: Mapping[str, Any],
+    ranking_metric: str = "dsc",
+    ranking_label: str = FOREGROUND,
+) -> dict[str, pd.DataFrame]:
+    """Build the four report tables from the scores files and write them to ``out_dir``.
+
+    Every file's schema metadata holds ``metadata`` (pipeline version, config hash, checkpoint hashes) plus
+    ``cohort`` and ``qc_pass_dsc``; ``ranking.parquet`` also holds ``kendall_tau``, ``ranking_metric`` and
+    ``ranking_label``. Returns the tables by name (``subjects``, ``slices``, ``summary``, ``ranking``).
+    """
+    scores = concat_parquet(scores_paths)
+    if scores.empty:
+        raise ValueError(f"cohort {cohort!r}: no score rows in {len(scores_paths)} scores files")
+    other = sorted(set(scores["cohort"]) - {cohort})
+    if other:
+        raise ValueError(f"cohort {cohort!r}: scores files contain rows of other cohorts {other}")
+    tables = {
+        "subjects": build_subjects(scores, qc_pass_dsc),
+        "slices": build_slices(scores),
+    }
+    tables["summary"] = build_summary(tables["subjects"])
+    tables["ranking"] = build_ranking(tables["subjects"], ranking_metric, ranking_label)
+    common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc}
+    tau = _single_tau(tables["ranking"])
+    ranking_meta = {"kendall_tau": tau, "ranking_metric": ranking_metric, "ranking_label": ranking_label}
+    out = Path(out_dir)
+    for name, table in tables.items():
+        meta = {**common, **ranking_meta} if name == "ranking" else common
+        write_parquet(table, out / f"{name}.parquet", meta)
+    log.info(
+        "cohort %s: report of %d subject rows, %d slice rows, %d sources; Kendall tau (%s, %s) = %s",
+        cohort, len(tables["subjects"]), len(tables["slices"]), len(tables["ranking"]),
+        ranking_metric, ranking_label, tau,
+    )
+    return tables
+
+
+def _single_tau(ranking: pd.DataFrame) -> float | None:
+    """The cohort's Kendall τ for the metadata (None when undefined: JSON has no NaN)."""
+    values = ranking["kendall_tau"].dropna().unique()
+    return float(values[0]) if values.size else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------
+
+
+def plot_predicted_vs_real(
+    subjects: pd.DataFrame, metric: str, path: str | os.PathLike, label: str = FOREGROUND
+) -> None:
+    """Scatter of predicted vs real ``metric`` per subject, one colour per source, with the identity line."""
+    rows = subjects[subjects["label"] == label]
+    pred_col, real_col = f"{PREDICTED}_{metric}", f"{REAL}_{metric}"
+    rows = rows[np.isfinite(rows[pred_col]) & np.isfinite(rows[real_col])]
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.add_subplot()
+    if rows.empty:
+        ax.text(0.5, 0.5, "no subjects with ground truth", ha="center", va="center", transform=ax.transAxes)
+    else:
+        for source, group in rows.groupby("source", sort=True):
+            ax.scatter(group[real_col], group[pred_col], s=14, alpha=0.7, label=str(source))
+        low = float(min(rows[pred_col].min(), rows[real_col].min()))
+        high = float(max(rows[pred_col].max(), rows[real_col].max()))
+        ax.plot([low, high], [low, high], color="black", linewidth=1, linestyle="--", label="identity")
+        ax.legend(fontsize="small")
+    ax.set_xlabel(f"real {metric} ({label})")
+    ax.set_ylabel(f"predicted {metric} ({label})")
+    ax.set_title(f"Predicted vs real {metric}")
+    _save_figure(fig, path)
+
+
+def plot_mae_per_level(summary: pd.DataFrame, path: str | os.PathLike, label: str = FOREGROUND) -> None:
+    """Bars of MAE ± std (predicted vs real) per source and pool, one panel per metric, for ``label``."""
+    rows = summary[(summary["label"] == label) & (summary["n"] > 0)]
+    metrics = [m for m in METRICS if m in set(rows["metric"])]
+    fig = Figure(figsize=(4 * max(len(metrics), 1), 4))
+    if not metrics:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no subjects with ground truth", ha="center", va="center", transform=ax.transAxes)
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), i + 1)
+        data = rows[rows["metric"] == metric]
+        positions = np.arange(len(data))
+        ax.bar(positions, data["mae"], yerr=data["mae_std"].fillna(0.0), capsize=3)
+        ax.set_xticks(positions, data["source"], rotation=45, ha="right", fontsize="small")
+        ax.set_title(f"MAE {metric} ({label})")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Save a figure atomically, the format taken from the file extension (png, svg, pdf)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower(), dpi=120, bbox_inches="tight")

@@ -1,0 +1,108 @@
+"""One function per workflow rule, named after the rule: read the rule's inputs, call the package, write outputs.
+
+Rules in ``rules/*.smk`` call these through the ``nnqc-pipe`` command line; they hold no logic of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nibabel.orientations import io_orientation
+
+from . import demo as demo_mod
+from .fingerprint import compute_fingerprint
+from .inspect_subject import inspect_subject
+from .io import concat_parquet, load_mask_on_grid, load_volume, read_json, write_json, write_nifti, write_parquet
+from .plan import make_plan
+from .preprocess import indices_to_values, preprocess_subject, save_preprocessed, values_to_indices
+from .split import read_split, write_split
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+def demo_cohort(out_dir: PathLike, n_subjects: int, seed: int) -> None:
+    """Generate the synthetic demo cohort (``imagesTr/``, ``labelsTr/``)."""
+    names = demo_mod.write_cohort(out_dir, n_subjects, seed)
+    log.info("wrote %d demo subjects to %s", len(names), out_dir)
+
+
+def inspect(subject: str, image: PathLike, label: PathLike | None, label_values: list[int], out: PathLike) -> None:
+    """Validate one subject and write its ingestion record."""
+    record = inspect_subject(subject, image, label, label_values)
+    write_json(record, out)
+
+
+def split(inspect_records: list[PathLike], subjects_tsv: PathLike, split_tsv: PathLike, test_fraction: float,
+          val_fraction: float, seed: int, on_bad_subject: str) -> None:
+    """Write ``subjects.tsv`` (all subjects, status, reason) and ``split.tsv`` (usable subjects, role)."""
+    write_split(inspect_records, subjects_tsv, split_tsv, test_fraction, val_fraction, seed, on_bad_subject)
+
+
+def fingerprint(split_tsv: PathLike, inspect_dir: PathLike, modality: str, label_names: dict[int, str],
+                out: PathLike) -> None:
+    """Fingerprint of the training (train + val) subjects."""
+    roles = read_split(split_tsv)
+    subjects = roles["train"] + roles["val"]
+    records = [read_json(Path(inspect_dir) / f"{s}.json") for s in subjects]
+    write_json(compute_fingerprint(records, modality, label_names), out)
+
+
+def plan(fingerprint_json: PathLike, overrides: dict[str, Any], out: PathLike) -> None:
+    """Derive ``plan.json`` from the fingerprint and the config's plan overrides."""
+    write_json(make_plan(read_json(fingerprint_json), overrides), out)
+
+
+def preprocess(subject: str, image: PathLike, label: PathLike | None, plan_json: PathLike, out: PathLike) -> None:
+    """Preprocess one subject into the ``.npz`` of the contract."""
+    pre = preprocess_subject(subject, image, label, read_json(plan_json))
+    save_preprocessed(pre, out)
+    log.info("%s: %d slices of %s", subject, pre.image.shape[0], list(pre.image.shape[1:]))
+
+
+def original_slice_axis(affine: np.ndarray, ras_axis: int) -> int:
+    """The stored array axis that becomes RAS axis ``ras_axis`` after reorientation."""
+    ornt = io_orientation(affine)
+    return int(np.nonzero(ornt[:, 0] == ras_axis)[0][0])
+
+
+def degrade(subject: str, image: PathLike, label: PathLike, plan_json: PathLike, seed: int, levels: list[int],
+            out_masks: list[PathLike], manifest: PathLike) -> None:
+    """Write the degraded masks of one test subject (original grid) and its manifest rows."""
+    from .degrade import degrade_subject
+
+    plan_ = read_json(plan_json)
+    img = load_volume(image, subject, "image")
+    values = load_mask_on_grid(label, img, subject, plan_["label_values"], "label")
+    indices = values_to_indices(values, plan_["label_values"])
+    spacing = tuple(float(v) for v in np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0)))
+    axis = original_slice_axis(img.affine, plan_["slicing_axis"])
+    results = {r["level"]: r for r in degrade_subject(indices, spacing, plan_["n_classes"], seed, subject, axis)}
+    rows = []
+    for level, path in zip(levels, out_masks, strict=True):
+        res = results[level]
+        out = nib.Nifti1Image(indices_to_values(res["mask"], plan_["label_values"]), img.affine, img.header)
+        out.set_data_dtype(np.uint8)
+        write_nifti(out, path)
+        row = {"subject": subject, "level": level, "source": f"degraded_L{level}", "path": str(path),
+               "dsc_foreground": res["dsc_foreground"], "in_bin": bool(res["in_bin"])}
+        for c, name in enumerate(plan_["label_names"], start=1):
+            row[f"dsc_{name}"] = res["dsc_per_class"].get(c, float("nan"))
+        rows.append(row)
+    write_parquet(pd.DataFrame(rows), manifest)
+
+
+def degrade_manifest(inputs: list[PathLike], out: PathLike) -> None:
+    """Concatenate the per-subject degradation manifests and log the in-bin rate."""
+    df = concat_parquet(inputs)
+    if len(df):
+        log.info("degraded masks in their DSC bin: %.1f%% of %d", 100 * df.in_bin.mean(), len(df))
+    write_parquet(df, out)
+
