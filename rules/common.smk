@@ -23,7 +23,8 @@ LABELS = label_map(config)
 LABEL_VALUES = ",".join(str(v) for v in LABELS)
 LEVELS = config["degradation"]["levels"]
 HAS_LABELS = config["labels"] is not None
-NNQC = "nnqc-pipe --log-level INFO"
+# Rules run `python -m nnqc_pipe`; the package is importable from this checkout in any environment.
+shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 def all_subjects():

@@ -12,10 +12,12 @@ rule degrade:
     params:
         seed=config["degradation"]["seed"],
         levels=",".join(map(str, LEVELS)),
+    conda:
+        "../envs/nnqc.yaml"
     log:
         f"{LOGS}/degrade/{{subject}}.log",
     shell:
-        "{NNQC} degrade --subject {wildcards.subject} --image {input.image:q} --label {input.label:q} "
+        "python -m nnqc_pipe degrade --subject {wildcards.subject} --image {input.image:q} --label {input.label:q} "
         "--plan-json {input.plan} --seed {params.seed} --levels {params.levels} --out-masks {output.masks} "
         "--manifest {output.manifest} > {log} 2>&1"
 
@@ -25,7 +27,9 @@ rule degrade_manifest:
         degraded_all,
     output:
         f"{OUT}/degraded/manifest.parquet",
+    conda:
+        "../envs/nnqc.yaml"
     log:
         f"{LOGS}/degrade_manifest.log",
     shell:
-        "{NNQC} degrade-manifest --inputs {input} --out {output} > {log} 2>&1"
+        "python -m nnqc_pipe degrade-manifest --inputs {input} --out {output} > {log} 2>&1"

@@ -8,13 +8,15 @@ if config["demo"]["enabled"]:
             images=expand(config["images"], subject=SUBJECTS),
             labels=expand(config["labels"], subject=SUBJECTS) if HAS_LABELS else [],
         params:
-            out_dir=os.path.dirname(os.path.dirname(config["images"])),
+            out_dir=lambda w, output: os.path.dirname(os.path.dirname(output.images[0])),
             n=config["demo"]["n_subjects"],
             seed=config["demo"]["seed"],
+        conda:
+            "../envs/nnqc.yaml"
         log:
             f"{LOGS}/demo_cohort.log",
         shell:
-            "{NNQC} demo-cohort --out-dir {params.out_dir} --n-subjects {params.n} --seed {params.seed} > {log} 2>&1"
+            "python -m nnqc_pipe demo-cohort --out-dir {params.out_dir} --n-subjects {params.n} --seed {params.seed} > {log} 2>&1"
 
 
 rule inspect:
@@ -26,10 +28,12 @@ rule inspect:
     params:
         label=lambda w, input: input.label if HAS_LABELS else "none",
         values=LABEL_VALUES,
+    conda:
+        "../envs/nnqc.yaml"
     log:
         f"{LOGS}/inspect/{{subject}}.log",
     shell:
-        "{NNQC} inspect --subject {wildcards.subject} --image {input.image:q} --label {params.label:q} "
+        "python -m nnqc_pipe inspect --subject {wildcards.subject} --image {input.image:q} --label {params.label:q} "
         "--label-values {params.values} --out {output} > {log} 2>&1"
 
 
@@ -42,10 +46,12 @@ checkpoint split:
     params:
         split=config["split"],
         on_bad=config["on_bad_subject"],
+    conda:
+        "../envs/nnqc.yaml"
     log:
         f"{LOGS}/split.log",
     shell:
-        "{NNQC} split --inspect-records {input} --subjects-tsv {output.subjects_tsv} "
+        "python -m nnqc_pipe split --inspect-records {input} --subjects-tsv {output.subjects_tsv} "
         "--split-tsv {output.split_tsv} --test-fraction {params.split[test_fraction]} "
         "--val-fraction {params.split[val_fraction]} --seed {params.split[seed]} "
         "--on-bad-subject {params.on_bad} > {log} 2>&1"

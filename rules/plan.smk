@@ -11,10 +11,12 @@ rule fingerprint:
         inspect_dir=f"{OUT}/inspect",
         modality=config["modality"],
         label_names=as_json(LABELS),
+    conda:
+        "../envs/nnqc.yaml"
     log:
         f"{LOGS}/fingerprint.log",
     shell:
-        "{NNQC} fingerprint --split-tsv {input.split_tsv} --inspect-dir {params.inspect_dir} "
+        "python -m nnqc_pipe fingerprint --split-tsv {input.split_tsv} --inspect-dir {params.inspect_dir} "
         "--modality {params.modality} --label-names {params.label_names:q} --out {output} > {log} 2>&1"
 
 
@@ -25,7 +27,9 @@ rule plan:
         f"{OUT}/plan.json",
     params:
         overrides=as_json(config["plan"]),
+    conda:
+        "../envs/nnqc.yaml"
     log:
         f"{LOGS}/plan.log",
     shell:
-        "{NNQC} plan --fingerprint-json {input} --overrides {params.overrides:q} --out {output} > {log} 2>&1"
+        "python -m nnqc_pipe plan --fingerprint-json {input} --overrides {params.overrides:q} --out {output} > {log} 2>&1"

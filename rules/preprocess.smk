@@ -10,8 +10,10 @@ rule preprocess:
         f"{OUT}/preprocessed/{{subject}}.npz",
     params:
         label=lambda w, input: input.label if HAS_LABELS else "none",
+    conda:
+        "../envs/nnqc.yaml"
     log:
         f"{LOGS}/preprocess/{{subject}}.log",
     shell:
-        "{NNQC} preprocess --subject {wildcards.subject} --image {input.image:q} --label {params.label:q} "
+        "python -m nnqc_pipe preprocess --subject {wildcards.subject} --image {input.image:q} --label {params.label:q} "
         "--plan-json {input.plan} --out {output} > {log} 2>&1"

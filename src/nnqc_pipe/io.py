@@ -171,7 +171,8 @@ def read_image_array(img: nib.Nifti1Image, subject: str, path: str | os.PathLike
         n_bad = int((~np.isfinite(data)).sum())
         raise InputError(subject, path, f"image contains {n_bad} NaN/inf voxels")
     if data.size == 0 or float(data.max()) == float(data.min()):
-        raise InputError(subject, path, f"image is constant (all voxels = {float(data.flat[0]) if data.size else 'n/a'})")
+        value = float(data.flat[0]) if data.size else "n/a"
+        raise InputError(subject, path, f"image is constant (all voxels = {value})")
     return data
 
 

@@ -4,8 +4,9 @@
 
 - ``slicing_axis``: RAS axis the volumes are sliced along — the lowest-resolution axis when its spacing is at
   least ``anisotropy_threshold`` times the finest one, otherwise axial (2); ``inplane_axes``: the other two
-- ``target_spacing``: in-plane spacing (mm) along ``inplane_axes``: the median spacing, coarsened when the
-  window would not fit in ``max_patch_size``
+- ``target_spacing``: in-plane spacing (mm) along ``inplane_axes``: the finest in-plane spacing of the training
+  subjects, so that no subject's masks are downsampled and forward-then-inverse stays near-lossless (nnU-Net's
+  median would blur the finer half of the cohort); coarsened when the window would not fit ``max_patch_size``
 - ``window_mm``: in-plane field of view kept around the organ: twice the largest foreground half-width seen in
   training (from a centre at ``crop_center_fraction`` of each subject's field of view) plus a margin per side
 - ``patch_size``: ``[H, W]`` = window / spacing rounded up to a multiple of ``divisor``, within
@@ -77,7 +78,7 @@ def make_plan(fingerprint: dict[str, Any], overrides: dict[str, Any]) -> dict[st
     half = np.max(np.asarray(fingerprint["fg_half_width_mm"]), axis=0)
     window = max(2 * half[a] + 2 * overrides["margin_mm"] for a in inplane)
     if overrides["target_spacing"] == "auto":
-        spacing = float(min(median_spacing[a] for a in inplane))
+        spacing = float(min(fingerprint["spacing_min"][a] for a in inplane))
     else:
         spacing = float(overrides["target_spacing"])
     patch, spacing = choose_patch(window, spacing, overrides)

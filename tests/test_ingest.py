@@ -1,0 +1,104 @@
+"""Per-subject validation records and the deterministic split (nnqc_pipe.inspect_subject, nnqc_pipe.split)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import save
+
+from nnqc_pipe.inspect_subject import foreground_geometry, inspect_subject
+from nnqc_pipe.io import write_json
+from nnqc_pipe.split import CohortError, assign_roles, read_split, write_split
+
+
+def test_good_subject_record(phantom_dir):
+    rec = inspect_subject("demo_004", phantom_dir / "imagesTr/demo_004.nii.gz",
+                          phantom_dir / "labelsTr/demo_004.nii.gz", [1, 2])
+    assert rec["status"] == "ok"
+    assert rec["axcodes"] == "SLP"  # stored slice-axis-first
+    assert rec["ras_spacing"][2] > 2 * rec["ras_spacing"][0]  # the slice axis ends up as RAS S
+    assert rec["labels_present"] == [1, 2]
+    assert len(rec["intensity"]["sample"]) == 2000
+    assert all(0 < f < 1 for f in rec["fg_center_fraction"])
+
+
+@pytest.mark.parametrize(
+    ("label_data", "message"),
+    [
+        (np.zeros((6, 6, 6), np.uint8), "label volume is empty"),
+        (np.full((6, 6, 6), 5, np.uint8), r"label values \[5\]"),
+        (np.zeros((6, 6, 5), np.uint8), "differs from image shape"),
+    ],
+)
+def test_bad_subject_excluded_with_reason(tmp_path, label_data, message):
+    image = save(tmp_path / "img.nii.gz", np.random.default_rng(0).random((6, 6, 6)).astype(np.float32))
+    label = save(tmp_path / "lbl.nii.gz", label_data)
+    rec = inspect_subject("bad", image, label, [1, 2])
+    assert rec["status"] == "excluded"
+    assert "subject 'bad'" in rec["reason"] and "lbl.nii.gz" in rec["reason"]
+    assert re.search(message, rec["reason"])
+
+
+def test_missing_label_pair_excluded(tmp_path):
+    image = save(tmp_path / "img.nii.gz", np.random.default_rng(0).random((6, 6, 6)).astype(np.float32))
+    rec = inspect_subject("s", image, tmp_path / "missing.nii.gz", [1])
+    assert rec["status"] == "excluded" and "missing" in rec["reason"]
+
+
+def test_unlabelled_subject_is_ok(tmp_path):
+    image = save(tmp_path / "img.nii.gz", np.random.default_rng(0).random((6, 6, 6)).astype(np.float32))
+    rec = inspect_subject("s", image, None, [1])
+    assert rec["status"] == "ok" and rec["has_label"] is False
+
+
+def test_foreground_geometry_centre_fraction():
+    fg = np.zeros((10, 10, 4), bool)
+    fg[4:6, 0:10, 1:3] = True
+    geo = foreground_geometry(fg, [1.0, 2.0, 3.0])
+    assert geo["fg_center_fraction"] == [0.5, 0.5, 0.5]
+    assert geo["fg_extent_mm"] == [2.0, 20.0, 6.0]
+
+
+def test_roles_are_deterministic_and_cover_everyone():
+    names = [f"s{i:02d}" for i in range(20)]
+    a = assign_roles(names, ["u1"], 0.2, 0.1, seed=1)
+    b = assign_roles(list(reversed(names)), ["u1"], 0.2, 0.1, seed=1)
+    pd.testing.assert_frame_equal(a, b)
+    counts = a.role.value_counts().to_dict()
+    assert counts == {"train": 14, "test": 4, "val": 2, "unlabelled": 1}
+    c = assign_roles(names, [], 0.2, 0.1, seed=2)
+    assert set(c.loc[c.role == "test", "subject"]) != set(a.loc[a.role == "test", "subject"])
+
+
+def test_too_few_subjects():
+    with pytest.raises(CohortError, match="at least 3"):
+        assign_roles(["a", "b"], [], 0.2, 0.1, 0)
+
+
+def _records(tmp_path, bad: bool):
+    paths = []
+    for i in range(6):
+        rec = {"subject": f"s{i}", "status": "ok", "reason": "", "image": "i", "label": "l", "has_label": True}
+        if bad and i == 0:
+            rec.update(status="excluded", reason="subject 's0' (l): label volume is empty")
+        paths.append(tmp_path / f"s{i}.json")
+        write_json(rec, paths[-1])
+    return paths
+
+
+def test_write_split_excludes_bad_subject(tmp_path):
+    split = write_split(_records(tmp_path, True), tmp_path / "subjects.tsv", tmp_path / "split.tsv", 0.2, 0.1, 0)
+    assert "s0" not in set(split.subject)
+    table = pd.read_csv(tmp_path / "subjects.tsv", sep="\t")
+    assert table.set_index("subject").loc["s0", "status"] == "excluded"
+    roles = read_split(tmp_path / "split.tsv")
+    assert sorted(sum(roles.values(), [])) == ["s1", "s2", "s3", "s4", "s5"]
+
+
+def test_write_split_fail_mode(tmp_path):
+    with pytest.raises(CohortError, match="label volume is empty"):
+        write_split(_records(tmp_path, True), tmp_path / "a.tsv", tmp_path / "b.tsv", 0.2, 0.1, 0, "fail")
+    assert not (tmp_path / "b.tsv").exists()
