@@ -11,7 +11,10 @@ from nnqc_pipe.config import discover_subjects, label_map
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo config applies only when no --configfile is given: cohort configs are complete on their own.
+if not config:
+
+    configfile: "config/config.yaml"
 
 
 validate(config, "../config/schemas/config.schema.yaml")
@@ -25,6 +28,13 @@ LEVELS = config["degradation"]["levels"]
 HAS_LABELS = config["labels"] is not None
 # Rules run `python -m nnqc_pipe`; the package is importable from this checkout in any environment.
 shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+
+
+if config["demo"]["enabled"] and not os.path.abspath(config["images"]).startswith(
+    os.path.abspath(config["results"]) + os.sep
+):
+    raise ValueError("demo.enabled generates data into the images pattern, which must lie under the results folder "
+                     f"({config['results']}); refusing to write into {config['images']!r}")
 
 
 def all_subjects():
@@ -54,6 +64,17 @@ def image_path(wildcards):
 def label_path(wildcards):
     """The subject's label file, or [] for a deployment cohort without labels."""
     return config["labels"].format(subject=wildcards.subject) if HAS_LABELS else []
+
+
+def existing_label_path(wildcards):
+    """The label file as an input only if it exists: ingestion reports a missing pair instead of failing."""
+    path = label_path(wildcards)
+    return path if path and os.path.exists(path) else []
+
+
+def label_param(wildcards):
+    """The label path as a command-line value ("none" without labels)."""
+    return label_path(wildcards) or "none"
 
 
 def roles(wildcards=None):

@@ -22,11 +22,11 @@ if config["demo"]["enabled"]:
 rule inspect:
     input:
         image=image_path,
-        label=label_path,
+        label=existing_label_path,
     output:
         f"{OUT}/inspect/{{subject}}.json",
     params:
-        label=lambda w, input: input.label if HAS_LABELS else "none",
+        label=label_param,
         values=LABEL_VALUES,
     conda:
         "../envs/nnqc.yaml"

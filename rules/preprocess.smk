@@ -9,7 +9,7 @@ rule preprocess:
     output:
         f"{OUT}/preprocessed/{{subject}}.npz",
     params:
-        label=lambda w, input: input.label if HAS_LABELS else "none",
+        label=label_param,
     conda:
         "../envs/nnqc.yaml"
     log:

@@ -16,6 +16,7 @@ import pandas as pd
 from nibabel.orientations import io_orientation
 
 from . import demo as demo_mod
+from .degrade import degrade_subject
 from .fingerprint import compute_fingerprint
 from .inspect_subject import inspect_subject
 from .io import concat_parquet, load_mask_on_grid, load_volume, read_json, write_json, write_nifti, write_parquet
@@ -76,8 +77,6 @@ def original_slice_axis(affine: np.ndarray, ras_axis: int) -> int:
 def degrade(subject: str, image: PathLike, label: PathLike, plan_json: PathLike, seed: int, levels: list[int],
             out_masks: list[PathLike], manifest: PathLike) -> None:
     """Write the degraded masks of one test subject (original grid) and its manifest rows."""
-    from .degrade import degrade_subject
-
     plan_ = read_json(plan_json)
     img = load_volume(image, subject, "image")
     values = load_mask_on_grid(label, img, subject, plan_["label_values"], "label")
