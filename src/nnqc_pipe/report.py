@@ -135,8 +135,14 @@ def ranking_schema(metric: str = "dsc") -> dict[str, str]:
 
 
 def _typed(df: pd.DataFrame, schema: Mapping[str, str]) -> pd.DataFrame:
-    """``df`` with exactly the ``schema`` columns, in order, cast to their dtypes (missing → null)."""
+    """``df`` with exactly the ``schema`` columns, in order, cast to their dtypes.
+
+    Missing values become null, except in boolean columns where they become False (not flagged).
+    """
     out = df.reindex(columns=list(schema))
+    for column, dtype in schema.items():
+        if dtype == "bool":
+            out[column] = out[column].astype("boolean").fillna(False)
     return out.astype(dict(schema)).reset_index(drop=True)
 
 
@@ -161,10 +167,11 @@ def score_rows(
 ) -> pd.DataFrame:
     """The scores table of one (source, subject) from :mod:`nnqc_pipe.metrics` rows.
 
-    ``predicted_rows``/``real_rows`` are ``compute_metrics(...) + compute_slice_metrics(...)`` of the candidate
-    against the pseudo-GT and against the GT (None when the subject has no GT; the rows must then cover the
-    same labels and slices). ``slice_ratio[i]`` is the ratio of slice ``i``; ``uncertainty`` maps
-    ``(label, slice_index or None)`` to the pGT disagreement (see ``metrics.sample_disagreement``).
+    ``predicted_rows``/``real_rows`` are ``compute_metrics(...) + compute_slice_metrics(...)`` of the
+    candidate against the pseudo-GT and against the GT (``real_rows`` is None when the subject has no GT;
+    otherwise it must cover the same labels and slices). ``slice_ratio[i]`` is the ratio of slice ``i`` (None:
+    NaN); ``uncertainty`` maps ``(label, slice_index or None)`` to the disagreement between pGT samples (see
+    ``metrics.sample_disagreement``; None: NaN).
     """
     predicted = _prefixed_frame(predicted_rows, PREDICTED, "pgt_voxels")
     if real_rows is None:
@@ -174,8 +181,8 @@ def score_rows(
         _check_same_keys(predicted, real, source, subject)
         table = predicted.merge(real.drop(columns="cand_voxels"), on=["label", "slice_index"], how="left")
     for flag in FLAGS:
-        table[f"{REAL}_{flag}"] = table.get(f"{REAL}_{flag}", pd.Series(False, index=table.index))
-        table[f"{REAL}_{flag}"] = table[f"{REAL}_{flag}"].fillna(False)
+        column = f"{REAL}_{flag}"
+        table[column] = table[column].fillna(False) if column in table else False
     table["cohort"], table["source"], table["subject"] = cohort, source, subject
     table["level"] = np.where(table["slice_index"].isna(), "volume", "slice")
     table["slice_ratio"] = _slice_ratios(table["slice_index"], slice_ratio)
@@ -241,9 +248,8 @@ def build_subjects(scores: pd.DataFrame, qc_pass_dsc: float) -> pd.DataFrame:
         _tukey_high(subjects, f"{PREDICTED}_hd95_mm") if "hd95_mm" in metrics else False
     )
     subjects["flag_below_threshold"] = ~(subjects[f"{PREDICTED}_dsc"] >= qc_pass_dsc)
-    subjects["qc_pass"] = ~(
-        subjects["flag_below_threshold"] | subjects["flag_low_dsc_outlier"] | subjects["flag_high_hd95_outlier"]
-    )
+    failing = ["flag_below_threshold", "flag_low_dsc_outlier", "flag_high_hd95_outlier"]
+    subjects["qc_pass"] = ~subjects[failing].any(axis=1)
     subjects = subjects.sort_values(ID_COLUMNS, kind="stable")
     return _typed(subjects, subjects_schema(metrics))
 
@@ -303,7 +309,7 @@ def _agreement(predicted: np.ndarray, real: np.ndarray) -> dict[str, float | int
     both = np.isfinite(predicted) & np.isfinite(real)
     pred, ref = predicted[both], real[both]
     errors = np.abs(pred - ref)
-    constant = pred.size and (np.ptp(pred) == 0 or np.ptp(ref) == 0)
+    constant = pred.size > 0 and (np.ptp(pred) == 0 or np.ptp(ref) == 0)
     pearson = np.nan if pred.size < MIN_PEARSON_PAIRS or constant else float(stats.pearsonr(pred, ref)[0])
     return {
         "n": int(pred.size),
