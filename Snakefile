@@ -6,6 +6,10 @@ include: "rules/ingest.smk"
 include: "rules/plan.smk"
 include: "rules/preprocess.smk"
 include: "rules/degrade.smk"
+include: "rules/models.smk"
+include: "rules/infer.smk"
+include: "rules/score.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -15,4 +19,5 @@ rule all:
         f"{OUT}/plan.json",
         preprocessed_all,
         f"{OUT}/degraded/manifest.parquet" if HAS_LABELS else [],
+        f"{OUT}/report/subjects.parquet",
     default_target: True

@@ -6,13 +6,13 @@ Options that carry config sections take JSON strings, so a rule passes ``params`
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from . import __version__, stages
+from . import __version__
 
 
 def _json(text: str) -> Any:
@@ -31,22 +31,24 @@ def _optional(text: str) -> str | None:
     return None if text in ("", "none", "None") else text
 
 
-Command = tuple[Callable[..., None], list[tuple[str, dict[str, Any]]]]
+# sub-command -> (module:function, options); modules are imported only when their command runs, so the CPU
+# stages start without loading torch.
+Command = tuple[str, list[tuple[str, dict[str, Any]]]]
 
 COMMANDS: dict[str, Command] = {
-    "demo-cohort": (stages.demo_cohort, [
+    "demo-cohort": ("stages:demo_cohort", [
         ("--out-dir", {"required": True}),
         ("--n-subjects", {"type": int, "required": True}),
         ("--seed", {"type": int, "required": True}),
     ]),
-    "inspect": (stages.inspect, [
+    "inspect": ("stages:inspect", [
         ("--subject", {"required": True}),
         ("--image", {"required": True}),
         ("--label", {"type": _optional, "default": None}),
         ("--label-values", {"type": _int_list, "required": True}),
         ("--out", {"required": True}),
     ]),
-    "split": (stages.split, [
+    "split": ("stages:split", [
         ("--inspect-records", {"nargs": "+", "required": True}),
         ("--subjects-tsv", {"required": True}),
         ("--split-tsv", {"required": True}),
@@ -55,26 +57,26 @@ COMMANDS: dict[str, Command] = {
         ("--seed", {"type": int, "required": True}),
         ("--on-bad-subject", {"choices": ["exclude", "fail"], "default": "exclude"}),
     ]),
-    "fingerprint": (stages.fingerprint, [
+    "fingerprint": ("stages:fingerprint", [
         ("--split-tsv", {"required": True}),
         ("--inspect-dir", {"required": True}),
         ("--modality", {"required": True}),
         ("--label-names", {"type": _label_names, "required": True}),
         ("--out", {"required": True}),
     ]),
-    "plan": (stages.plan, [
+    "plan": ("stages:plan", [
         ("--fingerprint-json", {"required": True}),
         ("--overrides", {"type": _json, "required": True}),
         ("--out", {"required": True}),
     ]),
-    "preprocess": (stages.preprocess, [
+    "preprocess": ("stages:preprocess", [
         ("--subject", {"required": True}),
         ("--image", {"required": True}),
         ("--label", {"type": _optional, "default": None}),
         ("--plan-json", {"required": True}),
         ("--out", {"required": True}),
     ]),
-    "degrade": (stages.degrade, [
+    "degrade": ("stages:degrade", [
         ("--subject", {"required": True}),
         ("--image", {"required": True}),
         ("--label", {"required": True}),
@@ -84,9 +86,71 @@ COMMANDS: dict[str, Command] = {
         ("--out-masks", {"nargs": "+", "required": True}),
         ("--manifest", {"required": True}),
     ]),
-    "degrade-manifest": (stages.degrade_manifest, [
+    "degrade-manifest": ("stages:degrade_manifest", [
         ("--inputs", {"nargs": "+", "required": True}),
         ("--out", {"required": True}),
+    ]),
+    "embed": ("model_stages:embed", [
+        ("--npz", {"required": True}),
+        ("--plan-json", {"required": True}),
+        ("--settings", {"type": _json, "required": True}),
+        ("--device", {"default": "auto"}),
+        ("--out", {"required": True}),
+    ]),
+    "train-vae": ("model_stages:train_vae", [
+        ("--split-tsv", {"required": True}),
+        ("--preprocessed-dir", {"required": True}),
+        ("--plan-json", {"required": True}),
+        ("--settings", {"type": _json, "required": True}),
+        ("--out-dir", {"required": True}),
+        ("--device", {"default": "auto"}),
+        ("--seed", {"type": int, "default": 0}),
+    ]),
+    "train-ldm": ("model_stages:train_ldm", [
+        ("--split-tsv", {"required": True}),
+        ("--preprocessed-dir", {"required": True}),
+        ("--embeddings-dir", {"required": True}),
+        ("--plan-json", {"required": True}),
+        ("--settings", {"type": _json, "required": True}),
+        ("--vae", {"required": True}),
+        ("--out-dir", {"required": True}),
+        ("--device", {"default": "auto"}),
+        ("--seed", {"type": int, "default": 0}),
+    ]),
+    "infer": ("model_stages:infer", [
+        ("--source", {"required": True}),
+        ("--subject", {"required": True}),
+        ("--npz", {"required": True}),
+        ("--embeddings", {"type": _optional, "default": None}),
+        ("--candidate", {"required": True}),
+        ("--model-dir", {"required": True}),
+        ("--inference", {"type": _json, "required": True}),
+        ("--device", {"default": "auto"}),
+        ("--seed", {"type": int, "default": 0}),
+        ("--out-pgt", {"required": True}),
+        ("--out-slices", {"required": True}),
+        ("--out-errors", {"type": _optional, "default": None}),
+    ]),
+    "score": ("stages:score", [
+        ("--cohort", {"required": True}),
+        ("--source", {"required": True}),
+        ("--subject", {"required": True}),
+        ("--npz", {"required": True}),
+        ("--candidate", {"required": True}),
+        ("--pgt", {"required": True}),
+        ("--gt", {"type": _optional, "default": None}),
+        ("--slices", {"required": True}),
+        ("--tolerance-mm", {"type": float, "required": True}),
+        ("--out", {"required": True}),
+    ]),
+    "report": ("stages:report", [
+        ("--scores", {"nargs": "+", "required": True}),
+        ("--out-dir", {"required": True}),
+        ("--cohort", {"required": True}),
+        ("--qc-pass-dsc", {"type": float, "required": True}),
+        ("--config-digest", {"required": True}),
+        ("--model-dir", {"required": True}),
+        ("--figures-dir", {"required": True}),
     ]),
 }
 
@@ -97,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nnqc-pipe {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (func, options) in COMMANDS.items():
-        p = sub.add_parser(name, help=(func.__doc__ or "").splitlines()[0])
+    for name, (target, options) in COMMANDS.items():
+        p = sub.add_parser(name, help=f"stage {target.replace(':', '.')}")
         for flag, kwargs in options:
             p.add_argument(flag, **kwargs)
     return parser
@@ -109,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    func, _ = COMMANDS[args.command]
+    module, _, func_name = COMMANDS[args.command][0].partition(":")
+    func = getattr(importlib.import_module(f"nnqc_pipe.{module}"), func_name)
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
     try:
         func(**kwargs)

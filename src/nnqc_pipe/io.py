@@ -8,6 +8,7 @@ job never leaves a half-written result behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -121,6 +122,15 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = v.decode()
     return out
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (checkpoint provenance)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def concat_parquet(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:

@@ -322,11 +322,28 @@ def invert_labels(indices: np.ndarray, record: dict[str, Any]) -> np.ndarray:
 
 def to_nifti(indices: np.ndarray, record: dict[str, Any]) -> nib.Nifti1Image:
     """Class indices on the original grid -> NIfTI with the file label values and the original affine."""
-    values = indices_to_values(indices, record["label_values"])
-    img = nib.Nifti1Image(values, np.asarray(record["orig_affine"]))
+    return nifti_on_original_grid(indices_to_values(indices, record["label_values"]), record)
+
+
+def nifti_on_original_grid(data: np.ndarray, record: dict[str, Any]) -> nib.Nifti1Image:
+    """An array on the subject's original grid as NIfTI with the original affine (qform and sform)."""
+    img = nib.Nifti1Image(data, np.asarray(record["orig_affine"]))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     return img
+
+
+def original_slice_axis(affine: np.ndarray, ras_axis: int) -> int:
+    """The stored array axis that becomes RAS axis ``ras_axis`` after reorientation."""
+    return int(np.nonzero(io_orientation(affine)[:, 0] == ras_axis)[0][0])
+
+
+def original_slice_order(record: dict[str, Any]) -> tuple[int, np.ndarray]:
+    """The original array axis of the slicing axis, and for each preprocessed slice its original index."""
+    affine = np.asarray(record["orig_affine"])
+    axis = original_slice_axis(affine, record["slicing_axis"])
+    order = np.arange(record["orig_shape"][axis])
+    return axis, (order[::-1] if io_orientation(affine)[axis, 1] < 0 else order)
 
 
 def spacing_from_record(record: dict[str, Any]) -> tuple[float, float, float]:

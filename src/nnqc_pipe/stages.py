@@ -1,10 +1,13 @@
-"""One function per workflow rule, named after the rule: read the rule's inputs, call the package, write outputs.
+"""One function per workflow rule (CPU stages), named after the rule: read inputs, call the package, write outputs.
+
+The stages that need torch live in :mod:`nnqc_pipe.model_stages`, so these start fast.
 
 Rules in ``rules/*.smk`` call these through the ``nnqc-pipe`` command line; they hold no logic of their own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -13,15 +16,32 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from nibabel.orientations import io_orientation
 
+from . import __version__
 from . import demo as demo_mod
 from .degrade import degrade_subject
 from .fingerprint import compute_fingerprint
 from .inspect_subject import inspect_subject
-from .io import concat_parquet, load_mask_on_grid, load_volume, read_json, write_json, write_nifti, write_parquet
+from .io import (
+    concat_parquet,
+    file_sha256,
+    load_mask_on_grid,
+    load_volume,
+    read_json,
+    write_json,
+    write_nifti,
+    write_parquet,
+)
 from .plan import make_plan
-from .preprocess import indices_to_values, preprocess_subject, save_preprocessed, values_to_indices
+from .preprocess import (
+    indices_to_values,
+    original_slice_axis,
+    preprocess_subject,
+    save_preprocessed,
+    values_to_indices,
+)
+from .report import plot_mae_per_level, plot_predicted_vs_real, write_report
+from .score import score_subject
 from .split import read_split, write_split
 
 log = logging.getLogger(__name__)
@@ -68,12 +88,6 @@ def preprocess(subject: str, image: PathLike, label: PathLike | None, plan_json:
     log.info("%s: %d slices of %s", subject, pre.image.shape[0], list(pre.image.shape[1:]))
 
 
-def original_slice_axis(affine: np.ndarray, ras_axis: int) -> int:
-    """The stored array axis that becomes RAS axis ``ras_axis`` after reorientation."""
-    ornt = io_orientation(affine)
-    return int(np.nonzero(ornt[:, 0] == ras_axis)[0][0])
-
-
 def degrade(subject: str, image: PathLike, label: PathLike, plan_json: PathLike, seed: int, levels: list[int],
             out_masks: list[PathLike], manifest: PathLike) -> None:
     """Write the degraded masks of one test subject (original grid) and its manifest rows."""
@@ -105,3 +119,36 @@ def degrade_manifest(inputs: list[PathLike], out: PathLike) -> None:
         log.info("degraded masks in their DSC bin: %.1f%% of %d", 100 * df.in_bin.mean(), len(df))
     write_parquet(df, out)
 
+
+# ---------------------------------------------------------------------------------------------------
+# Scores and report
+# ---------------------------------------------------------------------------------------------------
+
+
+def score(cohort: str, source: str, subject: str, npz: PathLike, candidate: PathLike, pgt: PathLike,
+          gt: PathLike | None, slices: PathLike, tolerance_mm: float, out: PathLike) -> None:
+    """Predicted (vs pGT) and real (vs GT) metrics of one candidate, per volume and slice."""
+    with np.load(npz) as data:
+        record = json.loads(str(data["record"]))
+    names = dict(zip(record["label_values"], read_json(Path(npz).parents[1] / "plan.json")["label_names"],
+                     strict=True))
+    table = score_subject(cohort, source, subject, candidate, pgt, gt, pd.read_parquet(slices), record, names,
+                          tolerance_mm)
+    write_parquet(table, out)
+
+
+def report(scores: list[PathLike], out_dir: PathLike, cohort: str, qc_pass_dsc: float, config_digest: str,
+           model_dir: PathLike, figures_dir: PathLike) -> None:
+    """The four report tables (with provenance metadata) and the figures of the HTML report."""
+    models = Path(model_dir)
+    metadata = {
+        "pipeline_version": __version__,
+        "config_hash": config_digest,
+        "checkpoints": {name: file_sha256(models / name) for name in ("vae.pt", "ldm.pt")},
+        "model_card": read_json(models / "model_card.json"),
+    }
+    tables = write_report(scores, out_dir, cohort, qc_pass_dsc, metadata)
+    figures = Path(figures_dir)
+    for metric in ("dsc", "hd95_mm"):
+        plot_predicted_vs_real(tables["subjects"], metric, figures / f"predicted_vs_real_{metric}.png")
+    plot_mae_per_level(tables["summary"], figures / "mae_per_level.png")

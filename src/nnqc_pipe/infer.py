@@ -1,0 +1,104 @@
+"""Per-subject inference: candidate mask -> pseudo ground truth on the subject's original grid.
+
+The candidate is validated against the subject's grid and label set, mapped to the preprocessed patch stack
+with the subject's inversion record, sampled with DDIM under the Team-of-Experts condition, decoded, and
+mapped back to the original grid. An empty candidate (a missing segmentation) is a valid input: it is QC'd
+like any other and comes out with a low predicted quality, not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .embed import load_embeddings
+from .io import write_nifti, write_parquet
+from .preprocess import (
+    Preprocessed,
+    invert_probabilities,
+    load_candidate,
+    nifti_on_original_grid,
+    original_slice_order,
+    to_nifti,
+    to_patch_space,
+    values_to_indices,
+)
+from .sampling import PGTModels, generate_pgt
+
+log = logging.getLogger(__name__)
+
+# Values of the error map written next to each pGT.
+ERROR_CODES = {0: "agreement", 1: "candidate_only", 2: "pgt_only", 3: "class_confusion"}
+
+
+@dataclass
+class Inference:
+    """The pGT (class indices, original grid) and per-slice facts in original slice order."""
+
+    pgt: np.ndarray
+    candidate: np.ndarray
+    slices: pd.DataFrame
+
+
+def error_map(candidate: np.ndarray, pgt: np.ndarray) -> np.ndarray:
+    """Voxel-wise disagreement between candidate and pGT (codes in :data:`ERROR_CODES`)."""
+    out = np.zeros(candidate.shape, dtype=np.uint8)
+    cand_fg, pgt_fg = candidate > 0, pgt > 0
+    out[cand_fg & ~pgt_fg] = 1
+    out[pgt_fg & ~cand_fg] = 2
+    out[cand_fg & pgt_fg & (candidate != pgt)] = 3
+    return out
+
+
+def infer_subject(
+    models: PGTModels,
+    pre: Preprocessed,
+    candidate_path: str | os.PathLike,
+    embeddings_path: str | os.PathLike | None,
+    inference_cfg: dict[str, Any],
+    seed: int,
+) -> Inference:
+    """pGT for one candidate of one subject, back on the original grid."""
+    record = pre.record
+    candidate_values = load_candidate(candidate_path, record)
+    candidate_patch = to_patch_space(candidate_values, record)
+    embeddings = load_embeddings(embeddings_path) if embeddings_path else None
+    result = generate_pgt(
+        models,
+        candidate_patch,
+        pre.slice_ratio,
+        embeddings,
+        ddim_steps=int(inference_cfg["ddim_steps"]),
+        n_samples=int(inference_cfg["samples"]),
+        batch_size=int(inference_cfg["batch_size"]),
+        seed=seed,
+    )
+    pgt_indices = invert_probabilities(result.probabilities, record)
+    _, original_index = original_slice_order(record)
+    slices = pd.DataFrame({
+        "slice_index": original_index.astype(np.int64),
+        "slice_ratio": pre.slice_ratio.astype(np.float64),
+        "uncertainty": result.uncertainty.astype(np.float64),
+    }).sort_values("slice_index", ignore_index=True)
+    return Inference(pgt=pgt_indices, candidate=candidate_values, slices=slices)
+
+
+def save_inference(
+    inference: Inference,
+    record: dict[str, Any],
+    pgt_path: str | os.PathLike,
+    slices_path: str | os.PathLike,
+    errors_path: str | os.PathLike | None,
+) -> None:
+    """Write the pGT NIfTI (file label values, original affine), the per-slice table and the error map."""
+    pgt_img = to_nifti(inference.pgt, record)
+    write_nifti(pgt_img, pgt_path)
+    write_parquet(inference.slices, slices_path)
+    if errors_path is not None:
+        errors = error_map(values_to_indices(inference.candidate, record["label_values"]), inference.pgt)
+        write_nifti(nifti_on_original_grid(errors, record), errors_path)
