@@ -24,6 +24,7 @@ validate(config, "../config/schemas/config.schema.yaml")
 COHORT = config["cohort"]
 OUT = f"{config['results']}/{COHORT}"
 LOGS = f"{OUT}/logs"
+BENCH = f"{OUT}/benchmarks"
 LABELS = label_map(config)
 LABEL_VALUES = ",".join(str(v) for v in LABELS)
 LEVELS = config["degradation"]["levels"]

@@ -16,6 +16,8 @@ rule degrade:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/degrade/{{subject}}.log",
+    benchmark:
+        f"{BENCH}/degrade/{{subject}}.tsv",
     shell:
         "python -m nnqc_pipe degrade --subject {wildcards.subject} --image {input.image:q} --label {input.label:q} "
         "--plan-json {input.plan} --seed {params.seed} --levels {params.levels} --out-masks {output.masks} "
@@ -31,5 +33,7 @@ rule degrade_manifest:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/degrade_manifest.log",
+    benchmark:
+        f"{BENCH}/degrade_manifest.tsv",
     shell:
         "python -m nnqc_pipe degrade-manifest --inputs {input} --out {output} > {log} 2>&1"

@@ -25,6 +25,8 @@ rule infer:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/infer/{{source}}/{{subject}}.log",
+    benchmark:
+        f"{BENCH}/infer/{{source}}/{{subject}}.tsv",
     shell:
         "OMP_NUM_THREADS=1 python -m nnqc_pipe infer --source {wildcards.source} --subject {wildcards.subject} "
         "--npz {input.npz} --embeddings {params.embeddings:q} --candidate {input.candidate:q} "

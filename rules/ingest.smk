@@ -15,6 +15,8 @@ if config["demo"]["enabled"]:
             "../envs/nnqc.yaml"
         log:
             f"{LOGS}/demo_cohort.log",
+        benchmark:
+            f"{BENCH}/demo_cohort.tsv",
         shell:
             "python -m nnqc_pipe demo-cohort --out-dir {params.out_dir} --n-subjects {params.n} --seed {params.seed} > {log} 2>&1"
 
@@ -32,6 +34,8 @@ rule inspect:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/inspect/{{subject}}.log",
+    benchmark:
+        f"{BENCH}/inspect/{{subject}}.tsv",
     shell:
         "python -m nnqc_pipe inspect --subject {wildcards.subject} --image {input.image:q} --label {params.label:q} "
         "--label-values {params.values} --out {output} > {log} 2>&1"
@@ -50,6 +54,8 @@ checkpoint split:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/split.log",
+    benchmark:
+        f"{BENCH}/split.tsv",
     shell:
         "python -m nnqc_pipe split --inspect-records {input} --subjects-tsv {output.subjects_tsv} "
         "--split-tsv {output.split_tsv} --test-fraction {params.split[test_fraction]} "

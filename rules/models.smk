@@ -16,6 +16,8 @@ rule embed:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/embed/{{subject}}.log",
+    benchmark:
+        f"{BENCH}/embed/{{subject}}.tsv",
     shell:
         "python -m nnqc_pipe embed --npz {input.npz} --plan-json {input.plan} --settings {params.settings:q} "
         "--device {params.device} --out {output} > {log} 2>&1"
@@ -42,6 +44,8 @@ rule train_vae:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/train_vae.log",
+    benchmark:
+        f"{BENCH}/train_vae.tsv",
     shell:
         "OMP_NUM_THREADS={threads} python -m nnqc_pipe train-vae --split-tsv {input.split_tsv} "
         "--preprocessed-dir {params.preprocessed_dir} --plan-json {input.plan} --settings {params.settings:q} "
@@ -73,6 +77,8 @@ rule train_ldm:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/train_ldm.log",
+    benchmark:
+        f"{BENCH}/train_ldm.tsv",
     shell:
         "OMP_NUM_THREADS={threads} python -m nnqc_pipe train-ldm --split-tsv {input.split_tsv} "
         "--preprocessed-dir {params.preprocessed_dir} --embeddings-dir {params.embeddings_dir} "

@@ -15,6 +15,8 @@ rule fingerprint:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/fingerprint.log",
+    benchmark:
+        f"{BENCH}/fingerprint.tsv",
     shell:
         "python -m nnqc_pipe fingerprint --split-tsv {input.split_tsv} --inspect-dir {params.inspect_dir} "
         "--modality {params.modality} --label-names {params.label_names:q} --out {output} > {log} 2>&1"
@@ -31,5 +33,7 @@ rule plan:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/plan.log",
+    benchmark:
+        f"{BENCH}/plan.tsv",
     shell:
         "python -m nnqc_pipe plan --fingerprint-json {input} --overrides {params.overrides:q} --out {output} > {log} 2>&1"

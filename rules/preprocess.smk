@@ -14,6 +14,8 @@ rule preprocess:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/preprocess/{{subject}}.log",
+    benchmark:
+        f"{BENCH}/preprocess/{{subject}}.tsv",
     shell:
         "python -m nnqc_pipe preprocess --subject {wildcards.subject} --image {input.image:q} --label {params.label:q} "
         "--plan-json {input.plan} --out {output} > {log} 2>&1"

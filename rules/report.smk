@@ -27,6 +27,11 @@ rule report:
             caption="report/mae_per_level.rst",
             category="Predicted vs real quality",
         ),
+        overlays=report(
+            f"{OUT}/report/figures/worst_overlays.png",
+            caption="report/worst_overlays.rst",
+            category="Worst candidates",
+        ),
     params:
         out_dir=lambda w, output: os.path.dirname(output.subjects),
         figures_dir=lambda w, output: os.path.dirname(output.mae),
@@ -34,11 +39,16 @@ rule report:
         qc_pass=config["report"]["qc_pass_dsc"],
         digest=CONFIG_DIGEST,
         model_dir=lambda w, input: os.path.dirname(input.ldm),
+        results_dir=lambda w, input: os.path.dirname(os.path.dirname(input.card)),
+        n_overlays=config["report"]["n_overlays"],
     conda:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/report.log",
+    benchmark:
+        f"{BENCH}/report.tsv",
     shell:
         "python -m nnqc_pipe report --scores {input.scores} --out-dir {params.out_dir} --cohort {params.cohort} "
         "--qc-pass-dsc {params.qc_pass} --config-digest {params.digest} --model-dir {params.model_dir} "
-        "--figures-dir {params.figures_dir} > {log} 2>&1"
+        "--figures-dir {params.figures_dir} --results-dir {params.results_dir} --n-overlays {params.n_overlays} "
+        "> {log} 2>&1"

@@ -18,6 +18,8 @@ rule score:
         "../envs/nnqc.yaml"
     log:
         f"{LOGS}/score/{{source}}/{{subject}}.log",
+    benchmark:
+        f"{BENCH}/score/{{source}}/{{subject}}.tsv",
     shell:
         "python -m nnqc_pipe score --cohort {params.cohort} --source {wildcards.source} "
         "--subject {wildcards.subject} --npz {input.npz} --candidate {input.candidate:q} --pgt {input.pgt} "

@@ -151,6 +151,8 @@ COMMANDS: dict[str, Command] = {
         ("--config-digest", {"required": True}),
         ("--model-dir", {"required": True}),
         ("--figures-dir", {"required": True}),
+        ("--results-dir", {"required": True}),
+        ("--n-overlays", {"type": int, "default": 6}),
     ]),
 }
 

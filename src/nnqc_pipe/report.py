@@ -436,7 +436,7 @@ def plot_predicted_vs_real(
     ax.set_xlabel(f"real {metric} ({label})")
     ax.set_ylabel(f"predicted {metric} ({label})")
     ax.set_title(f"Predicted vs real {metric}")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_mae_per_level(summary: pd.DataFrame, path: str | os.PathLike, label: str = FOREGROUND) -> None:
@@ -455,10 +455,10 @@ def plot_mae_per_level(summary: pd.DataFrame, path: str | os.PathLike, label: st
         ax.set_xticks(positions, data["source"], rotation=45, ha="right", fontsize="small")
         ax.set_title(f"MAE {metric} ({label})")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def _save_figure(fig: Figure, path: str | os.PathLike) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     """Save a figure atomically, the format taken from the file extension (png, svg, pdf)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower(), dpi=120, bbox_inches="tight")

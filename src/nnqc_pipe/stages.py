@@ -32,6 +32,7 @@ from .io import (
     write_nifti,
     write_parquet,
 )
+from .overlays import plot_worst_overlays
 from .plan import make_plan
 from .preprocess import (
     indices_to_values,
@@ -138,7 +139,7 @@ def score(cohort: str, source: str, subject: str, npz: PathLike, candidate: Path
 
 
 def report(scores: list[PathLike], out_dir: PathLike, cohort: str, qc_pass_dsc: float, config_digest: str,
-           model_dir: PathLike, figures_dir: PathLike) -> None:
+           model_dir: PathLike, figures_dir: PathLike, results_dir: PathLike, n_overlays: int) -> None:
     """The four report tables (with provenance metadata) and the figures of the HTML report."""
     models = Path(model_dir)
     metadata = {
@@ -152,3 +153,4 @@ def report(scores: list[PathLike], out_dir: PathLike, cohort: str, qc_pass_dsc: 
     for metric in ("dsc", "hd95_mm"):
         plot_predicted_vs_real(tables["subjects"], metric, figures / f"predicted_vs_real_{metric}.png")
     plot_mae_per_level(tables["summary"], figures / "mae_per_level.png")
+    plot_worst_overlays(tables["subjects"], results_dir, n_overlays, figures / "worst_overlays.png")
