@@ -154,6 +154,17 @@ COMMANDS: dict[str, Command] = {
         ("--results-dir", {"required": True}),
         ("--n-overlays", {"type": int, "default": 6}),
     ]),
+    "check": ("check:check", [
+        ("--image", {"required": True}),
+        ("--mask", {"required": True}),
+        ("--model-dir", {"required": True}),
+        ("--out", {"default": None}),
+        ("--plan", {"default": None}),
+        ("--ddim-steps", {"type": int, "default": 20}),
+        ("--samples", {"type": int, "default": 1}),
+        ("--device", {"default": "auto"}),
+        ("--seed", {"type": int, "default": 0}),
+    ]),
 }
 
 
