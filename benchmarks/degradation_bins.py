@@ -62,12 +62,15 @@ def main() -> None:
 
     print(f"cohort {args.data} — {len(cohort)} subjects, {n_classes} classes, seed {args.seed}")
     for level, (lo, hi) in LEVEL_BINS.items():
-        print(f"  L{level} [{lo:.2f}, {hi:.2f}{']' if level == max(LEVEL_BINS) else ')'}: "
-              f"{100 * np.mean(hits[level]):5.1f} % in bin")
+        print(
+            f"  L{level} [{lo:.2f}, {hi:.2f}{']' if level == max(LEVEL_BINS) else ')'}: "
+            f"{100 * np.mean(hits[level]):5.1f} % in bin"
+        )
     overall = np.concatenate([np.asarray(h) for h in hits.values()])
     print(f"  overall: {100 * overall.mean():5.1f} % in bin ({overall.sum()}/{overall.size})")
-    print(f"  time: {np.mean(seconds):.3f} s per subject (max {np.max(seconds):.3f} s), "
-          f"shape e.g. {cohort[0][1].shape}")
+    print(
+        f"  time: {np.mean(seconds):.3f} s per subject (max {np.max(seconds):.3f} s), shape e.g. {cohort[0][1].shape}"
+    )
     for miss in misses:
         print(f"  out of bin: {miss}")
 

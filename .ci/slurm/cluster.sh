@@ -11,7 +11,9 @@
 # Needs root on Debian 12 (bookworm, SLURM 22.05), works without systemd. Measured facts behind every choice:
 # ../shared/notes/local-slurm.md. The node advertises the shape of a slice of an A100 node (NNQC_SLURM_CPUS CPUs,
 # NNQC_SLURM_MEM_MB MB, NNQC_SLURM_GPUS fake a100 GPUs) whatever the machine has (SlurmdParameters=config_overrides),
-# so the users' profile, with its real A100-sized requests, is scheduled unchanged. The fake GPUs are character
+# so the users' profile, with its real A100-sized requests, is scheduled unchanged. Hence TaskPlugin=task/none: with
+# task/affinity a job asking for every CPU of the (inflated) node fails ("Unable to layout tasks on given cpus");
+# the price is a harmless "lacks support for cpu binding" line in each job's log. The fake GPUs are character
 # devices (/dev/null's numbers): jobs get CUDA_VISIBLE_DEVICES but no CUDA device, and run on the CPU.
 #
 # Environment: NNQC_SLURM_STATE (default /tmp/nnqc-slurm: spool, state, logs, pid files, record of what was
@@ -90,7 +92,11 @@ write_conf() {
 
 start_munge() {
   if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    log "munged already answers (not started by this script, left alone)"
+    if recorded "daemon munged /run/munge/munged.pid"; then
+      log "munged (started earlier by this script) answers"
+    else
+      log "munged already answers (not started by this script: left alone)"
+    fi
     return
   fi
   if [ ! -s /etc/munge/munge.key ]; then
@@ -115,23 +121,22 @@ start_munge() {
   die "munged does not answer (munge -n | unmunge)"
 }
 
-write_configs() {
-  local d
-  for d in ctld spool log run gpu; do mkdir -p "$STATE/$d"; done
-  local gpu_files=""
-  if [ "$NODE_GPUS" -gt 0 ]; then
-    local i
-    for i in $(seq 0 $((NODE_GPUS - 1))); do
-      [ -c "$STATE/gpu/fakegpu$i" ] || mknod -m 666 "$STATE/gpu/fakegpu$i" c 1 3
-    done
-    gpu_files="$STATE/gpu/fakegpu[0-$((NODE_GPUS - 1))]"
-  fi
+make_fake_gpus() {
+  local i
+  mkdir -p "$STATE/gpu"
+  for i in $(seq 0 $((NODE_GPUS - 1))); do
+    [ -c "$STATE/gpu/fakegpu$i" ] || mknod -m 666 "$STATE/gpu/fakegpu$i" c 1 3
+  done
+}
+
+render_slurm_conf() {
   local gres_node="" gres_types=""
   if [ "$NODE_GPUS" -gt 0 ]; then
     gres_node="Gres=gpu:a100:$NODE_GPUS"
     gres_types="GresTypes=gpu"
   fi
-  write_conf "$CONF_DIR/slurm.conf" 0644 "ClusterName=nnqc-ci
+  cat <<CONF
+ClusterName=nnqc-ci
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
@@ -140,9 +145,10 @@ CryptoType=crypto/munge
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/affinity
+TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=1000
 SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=$MIN_JOB_AGE
@@ -161,9 +167,31 @@ SlurmdDebug=info
 $gres_types
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NODE_CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$NODE_CPUS ThreadsPerCore=1 RealMemory=$NODE_MEM_MB $gres_node State=UNKNOWN
 PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=$HOST Default=NO MaxTime=INFINITE State=UP"
+PartitionName=gpu Nodes=$HOST Default=NO MaxTime=INFINITE State=UP
+CONF
+}
+
+render_gres_conf() {
+  [ "$NODE_GPUS" -gt 0 ] && echo "NodeName=$HOST Name=gpu Type=a100 File=$STATE/gpu/fakegpu[0-$((NODE_GPUS - 1))]"
+  return 0
+}
+
+# True when the config files on disk are the ones this invocation would write.
+configs_current() {
+  [ -f "$CONF_DIR/slurm.conf" ] || return 1
+  [ "$(cat "$CONF_DIR/slurm.conf")" = "$(printf '%s\n%s' "$MARK" "$(render_slurm_conf)")" ] || return 1
   if [ "$NODE_GPUS" -gt 0 ]; then
-    write_conf "$CONF_DIR/gres.conf" 0644 "NodeName=$HOST Name=gpu Type=a100 File=$gpu_files"
+    [ "$(cat "$CONF_DIR/gres.conf" 2>/dev/null)" = "$(printf '%s\n%s' "$MARK" "$(render_gres_conf)")" ] || return 1
+  fi
+}
+
+write_configs() {
+  local d
+  for d in ctld spool log run; do mkdir -p "$STATE/$d"; done
+  [ "$NODE_GPUS" -gt 0 ] && make_fake_gpus
+  write_conf "$CONF_DIR/slurm.conf" 0644 "$(render_slurm_conf)"
+  if [ "$NODE_GPUS" -gt 0 ]; then
+    write_conf "$CONF_DIR/gres.conf" 0644 "$(render_gres_conf)"
   fi
 }
 
@@ -221,9 +249,14 @@ cmd_start() {
   mkdir -p "$STATE"
   check_foreign
   if pid_alive "$(pid_of_file "$STATE/run/slurmctld.pid")" && pid_alive "$(pid_of_file "$STATE/run/slurmd.pid")"; then
-    log "cluster already running (state in $STATE)"
-    wait_idle
-    return
+    if configs_current; then
+      log "cluster already running with this configuration (state in $STATE)"
+      wait_idle
+      return
+    fi
+    log "cluster running with another configuration: restarting slurmctld and slurmd"
+    stop_pidfile slurmd "$STATE/run/slurmd.pid"
+    stop_pidfile slurmctld "$STATE/run/slurmctld.pid"
   fi
   install_packages
   start_munge

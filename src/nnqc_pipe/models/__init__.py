@@ -1,1 +1,1 @@
-"""Networks of nnQC: the mask autoencoder (stage 1), the Team of Experts and the latent diffusion model (stage 2)."""
+"""Networks of nnQC: mask autoencoder (stage 1), Team of Experts, latent diffusion model (stage 2)."""

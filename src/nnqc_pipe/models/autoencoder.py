@@ -1,8 +1,8 @@
 """Stage 1: the mask autoencoder (MONAI ``AutoencoderKL``), its patch discriminator and the perceptual loss.
 
 Masks enter as one-hot images (one channel per class) and leave as per-class logits; every loss is computed on
-the softmax of those logits so that each term has a gradient (the reference code applied its perceptual loss to
-an argmax, which has none). The autoencoder is always kept in fp32.
+the softmax of those logits so that each term has a gradient (the reference code applied its perceptual loss
+to an argmax, which has none). The autoencoder is always kept in fp32.
 """
 
 from __future__ import annotations
@@ -85,15 +85,20 @@ class MaskPerceptualLoss(nn.Module):
 
 
 def find_perceptual_weights(pcfg: dict[str, Any]) -> Path | None:
-    """Local ResNet-50 weights for the perceptual loss: the configured file, else torchvision's hub cache.
+    """Local ResNet-50 weights for the perceptual loss, or ``None``; nothing is ever downloaded.
 
-    Nothing is ever downloaded: without a local file the perceptual term is switched off.
+    ``pcfg["weights"]`` may name the file itself or a folder in TORCH_HOME layout (``resnet50*.pth`` directly
+    inside, or under ``checkpoints/`` or ``hub/checkpoints/``); without it torch's own hub cache is searched.
     """
-    if pcfg.get("weights"):
-        path = Path(pcfg["weights"]).expanduser()
-        return path if path.is_file() else None
-    cached = sorted((Path(torch.hub.get_dir()) / "checkpoints").glob("resnet50-*.pth"))
-    return cached[0] if cached else None
+    configured = pcfg.get("weights")
+    if configured and Path(configured).expanduser().is_file():
+        return Path(configured).expanduser()
+    root = Path(configured).expanduser() if configured else Path(torch.hub.get_dir())
+    for folder in (root, root / "checkpoints", root / "hub" / "checkpoints"):
+        found = sorted(folder.glob("resnet50*.pth"))
+        if found:
+            return found[0]
+    return None
 
 
 def build_perceptual(pcfg: dict[str, Any], weight: float) -> tuple[MaskPerceptualLoss | None, dict[str, Any]]:

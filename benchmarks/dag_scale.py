@@ -1,0 +1,182 @@
+"""How long does snakemake take to build the DAG of a population-scale cohort? (target: <= 60 s for 10,000 subjects)
+
+Generates, in a temporary folder, a cohort of N subjects whose image and label files are empty placeholders (the
+DAG only needs them to exist) and a cohort config for it, then times `snakemake -n` in three situations:
+
+1. ``fresh``: nothing computed yet. The dry run stops at the `split` checkpoint: per-subject `inspect` jobs + split.
+2. ``after-split``: the checkpoint's outputs exist (fake inspect records, subjects.tsv, split.tsv with the usual
+   train/val/test shares), so the whole per-subject DAG is built: preprocess, embed, degrade, infer and score for
+   every (source, subject), training, report.
+3. ``after-split --profile profiles/slurm``: the same with the cluster profile, which adds the job groups
+   (group/group-components) that batch per-subject jobs.
+
+Each dry run is run in a fresh process, as a user would; the figure printed is its wall time (Python start,
+workflow parsing, DAG building, the dry-run listing). With ``--profile`` the script also runs cProfile on the
+after-split dry run and prints the top functions (cumulative time), to show where the time goes.
+
+Usage:
+    .venv/bin/python benchmarks/dag_scale.py                      # 10,000 subjects
+    .venv/bin/python benchmarks/dag_scale.py --n-subjects 2000 --keep --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOW = REPO  # --workflow: measure another checkout (e.g. a copy with a proposed change)
+TARGET_S = 60.0
+
+
+def make_cohort(root: Path, n: int) -> Path:
+    """Empty image/label placeholders and a cohort config; returns the config path."""
+    images, labels = root / "data" / "imagesTr", root / "data" / "labelsTr"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for i in range(n):
+        name = f"sub{i:05d}.nii.gz"
+        (images / name).touch()
+        (labels / name).touch()
+    cfg = {
+        "cohort": "scale",
+        "results": str(root / "results"),
+        "images": str(images / "{subject}.nii.gz"),
+        "labels": str(labels / "{subject}.nii.gz"),
+        "modality": "MR",
+        "label_names": {"1": "foreground"},
+        "split": {"test_fraction": 0.2, "seed": 42},
+    }
+    path = root / "cohort.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def fake_checkpoint(root: Path, n: int) -> None:
+    """What `inspect` and the `split` checkpoint would have written: records, subjects.tsv and split.tsv."""
+    out = root / "results" / "scale"
+    (out / "inspect").mkdir(parents=True, exist_ok=True)
+    subjects = [f"sub{i:05d}" for i in range(n)]
+    for s in subjects:
+        (out / "inspect" / f"{s}.json").write_text("{}")
+    time.sleep(0.05)  # the checkpoint outputs must be newer than its inputs
+    n_test = round(0.2 * n)
+    n_val = round(0.1 * (n - n_test))
+    roles = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
+    with open(out / "subjects.tsv", "w") as f:
+        f.write("subject\tstatus\treason\timage\tlabel\n")
+        for s in subjects:
+            f.write(f"{s}\tok\t\t{root}/data/imagesTr/{s}.nii.gz\t{root}/data/labelsTr/{s}.nii.gz\n")
+    with open(out / "split.tsv", "w") as f:
+        f.write("subject\trole\n")
+        for s, r in zip(subjects, roles, strict=True):
+            f.write(f"{s}\t{r}\n")
+
+
+def dry_run(root: Path, config: Path, extra: list[str], log: Path, prof: Path | None = None) -> tuple[float, str]:
+    """Wall time of one `snakemake -n` in a fresh process; returns (seconds, the job-stats table)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # the cluster profile reads these; any value will do for a dry run
+    env.setdefault("NNQC_SLURM_CPU_PARTITION", "cpu")
+    env.setdefault("NNQC_SLURM_GPU_PARTITION", "gpu")
+    head = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "snakemake"] if prof else ["snakemake"]
+    cmd = [
+        *head,
+        "-n",
+        "--snakefile",
+        str(WORKFLOW / "Snakefile"),
+        "--directory",
+        str(root),
+        "--configfile",
+        str(config),
+        "--quiet",
+        "rules",
+        *extra,
+    ]
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=WORKFLOW, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    dt = time.perf_counter() - t0
+    text = log.read_text()
+    if rc != 0:
+        sys.exit(f"snakemake -n failed (rc {rc}); see {log}:\n{text[-3000:]}")
+    stats = text[text.find("Job stats:") :].split("\n\n")[0] if "Job stats:" in text else "(no job stats)"
+    return dt, stats
+
+
+def total_jobs(stats: str) -> int:
+    for line in stats.splitlines():
+        if line.startswith("total"):
+            return int(line.split()[-1])
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-subjects", type=int, default=10_000)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary cohort folder")
+    ap.add_argument("--profile", action="store_true", help="also cProfile the after-split dry run")
+    ap.add_argument("--no-slurm", action="store_true", help="skip the dry run with --profile profiles/slurm")
+    ap.add_argument("--workflow", type=Path, default=REPO, help="workflow checkout to measure (default: this one)")
+    args = ap.parse_args()
+    global WORKFLOW
+    WORKFLOW = args.workflow.resolve()
+
+    root = Path(tempfile.mkdtemp(prefix="nnqc-dag-scale-"))
+    results = []
+    try:
+        t0 = time.perf_counter()
+        config = make_cohort(root, args.n_subjects)
+        print(f"cohort of {args.n_subjects} placeholder subjects in {root} ({time.perf_counter() - t0:.1f} s)")
+
+        dt, stats = dry_run(root, config, [], root / "dry-fresh.log")
+        results.append(("fresh (stops at the split checkpoint)", dt, total_jobs(stats)))
+        print(f"\n[fresh] {dt:.1f} s\n{stats}")
+
+        fake_checkpoint(root, args.n_subjects)
+        dt, stats = dry_run(root, config, [], root / "dry-after-split.log")
+        results.append(("after split (whole per-subject DAG)", dt, total_jobs(stats)))
+        print(f"\n[after-split] {dt:.1f} s\n{stats}")
+
+        if not args.no_slurm:
+            dt, stats = dry_run(
+                root, config, ["--profile", str(WORKFLOW / "profiles" / "slurm")], root / "dry-after-split-slurm.log"
+            )
+            results.append(("after split, --profile profiles/slurm (groups)", dt, total_jobs(stats)))
+            print(f"\n[after-split, slurm profile] {dt:.1f} s")
+
+        if args.profile:
+            prof = root / "after-split.prof"
+            dry_run(root, config, [], root / "dry-profiled.log", prof=prof)
+            import pstats
+
+            print("\ncProfile of the after-split dry run, top 25 by cumulative time:")
+            pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(25)
+            print("top 15 by own time:")
+            pstats.Stats(str(prof)).sort_stats("tottime").print_stats(15)
+
+        print(f"\nDAG build, {args.n_subjects} subjects (snakemake -n wall time, target <= {TARGET_S:.0f} s):")
+        worst = 0.0
+        for name, dt, jobs in results:
+            worst = max(worst, dt)
+            flag = "ok" if dt <= TARGET_S else "SLOW"
+            print(f"  {name:50s} {dt:7.1f} s  {jobs:7d} jobs  {flag}")
+        return 0 if worst <= TARGET_S else 1
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Training speed of both stages per preset, and optionally a full cpu-preset training run on the hippocampus.
+
+Speed: a few training steps of the VAE-GAN and of the LDM (corruption sampling included) on synthetic slices of
+the preset's size, timed after one warm-up step; prints slices/s per stage.
+
+    python benchmarks/train_speed.py                          # cpu (64², batch 32) and paper (256², batch 4)
+    python benchmarks/train_speed.py --presets cpu --iters 20 --threads 1
+
+Real run (``--hippocampus``): fingerprint, plan and preprocessing of the shared MSD hippocampus cohort with the
+package's own modules, 48 training / 12 validation subjects, tiny-fallback embeddings, then ``train_vae`` and
+``train_ldm`` with the cpu preset; prints wall time per stage and the validation pGT Dice per severity.
+
+    python benchmarks/train_speed.py --hippocampus --out /tmp/hippo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnqc_pipe import presets
+from nnqc_pipe.models.autoencoder import autoencoder_kwargs, build_autoencoder, one_hot
+from nnqc_pipe.models.ldm import toe_kwargs
+from nnqc_pipe.sampling import PGTModels
+from nnqc_pipe.train_ldm import LDMTrainer, corrupt_batch
+from nnqc_pipe.train_vae import VAETrainer
+
+REPO = Path(__file__).resolve().parents[1]
+HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus"
+# E2 sizes of UniMedCLIP ViT-B/16 (pooled projection, width) with the default 4 x 4 token grid.
+VIT_B16 = {"pooled_dim": 512, "token_dim": 768, "n_tokens": 16}
+
+
+def synthetic_labels(n: int, size: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Ellipses with a core: class-index slices shaped like organ cross-sections."""
+    yy, xx = np.mgrid[:size, :size] / size
+    labels = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        cy, cx, a, b = rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.3)
+        r = ((yy - cy) / a) ** 2 + ((xx - cx) / b) ** 2
+        for c in range(1, n_classes):
+            labels[i][r < 1.0 - 0.6 * (c - 1) / max(n_classes - 1, 1)] = c
+    return labels
+
+
+def timed(step, iters: int) -> float:
+    """Seconds per call of ``step`` after one warm-up call."""
+    step()
+    started = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - started) / iters
+
+
+def vae_speed(cfg: dict, labels: np.ndarray, iters: int) -> float:
+    """VAE-GAN training slices/s (generator and discriminator updates, adversarial term on)."""
+    trainer = VAETrainer(cfg, torch.device("cpu"))
+    target = one_hot(torch.as_tensor(labels), cfg["n_classes"])
+    return len(labels) / timed(lambda: trainer.train_step(target, adversarial=True), iters)
+
+
+def ldm_speed(cfg: dict, labels: np.ndarray, iters: int, rng: np.random.Generator) -> float:
+    """LDM training slices/s: on-the-fly corruption and its encoding, noising, UNet + ToE step, EMA."""
+    trainer = LDMTrainer(cfg, toe_kwargs(cfg, **VIT_B16), torch.device("cpu"))
+    vae = build_autoencoder(autoencoder_kwargs(cfg)).eval()
+    models = PGTModels(vae=vae, ldm=trainer.ema.module, scale_factor=1.0, cfg=cfg, device=torch.device("cpu"))
+    n, factor = len(labels), 2 ** (len(cfg["vae"]["channels"]) - 1)
+    size = labels.shape[-1] // factor
+    z0 = torch.randn(n, cfg["vae"]["latent_channels"], size, size)
+    emb = {
+        "pooled": torch.randn(n, VIT_B16["pooled_dim"]),
+        "tokens": torch.randn(n, VIT_B16["n_tokens"], VIT_B16["token_dim"]),
+    }
+
+    def step() -> None:
+        candidates = corrupt_batch(labels, cfg["n_classes"], rng.uniform(0, 1, n), rng)
+        cand = models.candidate_condition(torch.as_tensor(candidates))
+        trainer.train_step(z0, cand, rng.uniform(0, 1, n).astype(np.float32), emb)
+
+    return n / timed(step, iters)
+
+
+def speed(args: argparse.Namespace) -> None:
+    """Print slices/s of both stages for each requested preset."""
+    rng = np.random.default_rng(0)
+    sizes = {"paper": (256, args.paper_batch), "cpu": (args.cpu_patch, 32), "tiny": (args.cpu_patch, 16)}
+    print(f"torch threads: {torch.get_num_threads()}, classes: {args.n_classes}")
+    print(f"{'preset':8} {'patch':>7} {'batch':>5} {'vae slices/s':>13} {'ldm slices/s':>13}")
+    for name in args.presets:
+        size, batch = sizes[name]
+        overrides = {"vae": {"batch_size": batch}, "ldm": {"batch_size": batch}}
+        cfg = presets.resolve(name, overrides, {"patch_size": [size, size], "n_classes": args.n_classes})
+        labels = synthetic_labels(batch, size, args.n_classes, rng)
+        torch.manual_seed(0)
+        vae = vae_speed(cfg, labels, args.iters)
+        ldm = ldm_speed(cfg, labels, args.iters, rng)
+        print(f"{name:8} {size:>4}x{size:<3}{batch:>5} {vae:>13.1f} {ldm:>13.1f}", flush=True)
+
+
+def prepare_hippocampus(data: Path, out: Path, n_train: int, seed: int) -> tuple[dict, list[str], list[str]]:
+    """Fingerprint, plan and preprocess the cohort with the package's modules; returns plan and npz lists."""
+    from nnqc_pipe.config import validate_config
+    from nnqc_pipe.fingerprint import compute_fingerprint
+    from nnqc_pipe.inspect_subject import inspect_subject
+    from nnqc_pipe.plan import make_plan
+    from nnqc_pipe.preprocess import preprocess_subject, save_preprocessed
+
+    subjects = sorted(p.name.removesuffix(".nii.gz") for p in (data / "imagesTr").glob("*.nii.gz"))
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    train = [subjects[i] for i in order[:n_train]]
+    val = [subjects[i] for i in order[n_train:]]
+    config = validate_config(
+        {
+            "cohort": "hippocampus",
+            "images": "{subject}",
+            "modality": "MR",
+            "label_names": {"1": "anterior", "2": "posterior"},
+        }
+    )
+    images = {s: data / "imagesTr" / f"{s}.nii.gz" for s in subjects}
+    labels = {s: data / "labelsTr" / f"{s}.nii.gz" for s in subjects}
+    records = [inspect_subject(s, images[s], labels[s], [1, 2]) for s in train + val]
+    plan = make_plan(compute_fingerprint(records, "MR", {1: "anterior", 2: "posterior"}), config["plan"])
+    (out / "preprocessed").mkdir(parents=True, exist_ok=True)
+    for s in subjects:
+        save_preprocessed(preprocess_subject(s, images[s], labels[s], plan), out / "preprocessed" / f"{s}.npz")
+    npz = {s: str(out / "preprocessed" / f"{s}.npz") for s in subjects}
+    return plan, [npz[s] for s in train], [npz[s] for s in val]
+
+
+def hippocampus(args: argparse.Namespace) -> None:
+    """Train the cpu preset on the hippocampus cohort and report time and validation pGT Dice."""
+    from nnqc_pipe.embed import embed_subject
+    from nnqc_pipe.train_ldm import train_ldm
+    from nnqc_pipe.train_vae import train_vae
+
+    out = Path(args.out)
+    started = time.perf_counter()
+    plan, train, val = prepare_hippocampus(Path(args.data), out, args.n_train, args.seed)
+    print(
+        f"preprocessing: {time.perf_counter() - started:.0f} s, patch {plan['patch_size']}, "
+        f"{len(train)} train / {len(val)} val subjects",
+        flush=True,
+    )
+    overrides = json.loads(args.overrides) | {"encoder": {"tiny_fallback": True}}
+    cfg = presets.resolve("cpu", overrides, plan)
+    emb_dir = out / "embeddings"
+    started = time.perf_counter()
+    emb = {}
+    for path in train + val:
+        emb[path] = str(emb_dir / Path(path).name)
+        embed_subject(path, emb[path], cfg["encoder"], "cpu")
+    print(f"embedding: {time.perf_counter() - started:.0f} s", flush=True)
+    models = out / "models"
+    stages = {
+        "vae": lambda: train_vae(train, val, plan, cfg, models, "cpu", args.seed),
+        "ldm": lambda: train_ldm(
+            train,
+            val,
+            [emb[p] for p in train],
+            [emb[p] for p in val],
+            plan,
+            cfg,
+            models / "vae.pt",
+            models,
+            "cpu",
+            args.seed,
+        ),
+    }
+    for name, run in stages.items():
+        started = time.perf_counter()
+        run()
+        print(f"train_{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    card = json.loads((models / "model_card.json").read_text())
+    print(json.dumps({k: card[k] for k in ("patch_size", "scale_factor", "vae", "ldm")}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(presets.PRESETS))
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per stage (after one warm-up step)")
+    parser.add_argument("--cpu-patch", type=int, default=64, help="slice size for the cpu and tiny presets")
+    parser.add_argument("--paper-batch", type=int, default=4, help="batch of the paper preset (32 on A100)")
+    parser.add_argument("--n-classes", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--hippocampus", action="store_true", help="run the real cpu-preset training instead")
+    parser.add_argument("--data", default=str(HIPPOCAMPUS))
+    parser.add_argument("--out", default="/tmp/nnqc_hippocampus")
+    parser.add_argument("--n-train", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overrides", default="{}", help="JSON overrides of the cpu preset (hippocampus run)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.hippocampus:
+        hippocampus(args)
+    else:
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Stage 2: the conditional latent diffusion model (MONAI ``DiffusionModelUNet`` + Team of Experts).
+
+The UNet predicts the noise ε of a noisy mask latent; its input is the noisy latent concatenated with the
+candidate mask at latent size, and its cross-attention context is the Team of Experts output. Two candidate
+encodings (``ldm.candidate_encoding``): ``coverage`` — per foreground class, the fraction of each latent cell
+the class covers (one channel for a binary task, as in the paper) — and ``vae`` — the candidate's latent mean
+from the frozen stage-1 encoder, scaled like the targets, which keeps the boundary detail that averaging loses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from nnqc_pipe.device import unet_autocast
+from nnqc_pipe.models.experts import TeamOfExperts
+
+
+def unet_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of the diffusion UNet for a resolved preset (saved in checkpoints)."""
+    ldm, latent = cfg["ldm"], cfg["vae"]["latent_channels"]
+    return {
+        "spatial_dims": 2,
+        "in_channels": latent + candidate_channels(cfg),
+        "out_channels": latent,
+        "channels": list(ldm["channels"]),
+        "attention_levels": list(ldm["attention_levels"]),
+        "num_res_blocks": ldm["num_res_blocks"],
+        "num_head_channels": ldm["num_head_channels"],
+        "norm_num_groups": ldm["norm_num_groups"],
+        "with_conditioning": True,
+        "cross_attention_dim": cfg["experts"]["d_model"],
+    }
+
+
+def candidate_channels(cfg: dict[str, Any]) -> int:
+    """Number of UNet input channels that carry the candidate."""
+    if cfg["ldm"]["candidate_encoding"] == "vae":
+        return int(cfg["vae"]["latent_channels"])
+    return int(cfg["n_classes"]) - 1
+
+
+def toe_kwargs(cfg: dict[str, Any], pooled_dim: int, token_dim: int, n_tokens: int) -> dict[str, Any]:
+    """Constructor arguments of the Team of Experts (E2 sizes come from the embedding cache)."""
+    experts = cfg["experts"]
+    return {
+        "mode": experts["mode"],
+        "d_model": experts["d_model"],
+        "n_queries": experts["n_queries"],
+        "n_heads": experts["n_heads"],
+        "n_fourier": experts["n_fourier"],
+        "pooled_dim": pooled_dim,
+        "token_dim": token_dim,
+        "n_tokens": n_tokens,
+    }
+
+
+def noise_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
+    """The training noise schedule (T = ``noise.n_train_timesteps``, ε-prediction)."""
+    noise = cfg["noise"]
+    return DDPMScheduler(
+        num_train_timesteps=noise["n_train_timesteps"],
+        schedule=noise["schedule"],
+        beta_start=noise["beta_start"],
+        beta_end=noise["beta_end"],
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+
+
+def ddim_scheduler(cfg: dict[str, Any], steps: int) -> DDIMScheduler:
+    """A deterministic DDIM sampler over ``steps`` steps of the training schedule (no x0 clipping)."""
+    noise = cfg["noise"]
+    scheduler = DDIMScheduler(
+        num_train_timesteps=noise["n_train_timesteps"],
+        schedule=noise["schedule"],
+        beta_start=noise["beta_start"],
+        beta_end=noise["beta_end"],
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def candidate_to_latent(candidate: torch.Tensor, n_classes: int, factor: int) -> torch.Tensor:
+    """Class-index candidates [B, H, W] -> per-foreground-class coverage at latent size [B, C-1, H/f, W/f]."""
+    onehot = F.one_hot(candidate.long(), n_classes).permute(0, 3, 1, 2).float()[:, 1:]
+    return F.avg_pool2d(onehot, factor)
+
+
+@torch.no_grad()
+def encode_candidate(candidate: torch.Tensor, cfg: dict[str, Any], vae: nn.Module, scale_factor: float) -> torch.Tensor:
+    """Class-index candidates [B, H, W] -> the UNet's candidate channels (see ``ldm.candidate_encoding``)."""
+    n_classes = int(cfg["n_classes"])
+    if cfg["ldm"]["candidate_encoding"] == "vae":
+        onehot = F.one_hot(candidate.long(), n_classes).permute(0, 3, 1, 2).float()
+        return vae.encode(onehot)[0] * scale_factor
+    return candidate_to_latent(candidate, n_classes, 2 ** (len(cfg["vae"]["channels"]) - 1))
+
+
+class ConditionalLDM(nn.Module):
+    """ε-predictor: DiffusionModelUNet conditioned on the candidate (input channels) and on ``c`` (context).
+
+    Latents whose size the UNet cannot halve ``len(channels) - 1`` times are zero-padded and cropped back.
+    """
+
+    def __init__(self, unet_args: dict[str, Any], toe_args: dict[str, Any]) -> None:
+        super().__init__()
+        self.unet = DiffusionModelUNet(**unet_args)
+        self.toe = TeamOfExperts(**toe_args)
+        self.multiple = 2 ** (len(unet_args["channels"]) - 1)
+
+    def context(
+        self, ratio: torch.Tensor, pooled: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The Team of Experts context ``c`` for a batch."""
+        return self.toe(ratio, pooled, tokens)
+
+    def denoise(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, candidate: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """Predicted noise for noisy latents [B, L, h, w] given latent-size candidates and a context."""
+        x = torch.cat([noisy, candidate], dim=1)
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        with unet_autocast(x.device):
+            eps = self.unet(x, timesteps, context=context)
+        return eps[..., :h, :w].float()
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        candidate: torch.Tensor,
+        ratio: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Context then denoising, in one call (the training step)."""
+        return self.denoise(noisy, timesteps, candidate, self.context(ratio, pooled, tokens))

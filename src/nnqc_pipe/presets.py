@@ -1,0 +1,240 @@
+"""Model and training presets: ``paper`` (nnQC reference sizes, A100 nodes), ``cpu`` (small), ``tiny`` (tests, demo).
+
+A preset is a nested dict; :func:`resolve` deep-merges a cohort's overrides onto it and fills in what the plan
+decides (patch size, number of classes), so every field stays overridable from the config file. The resolved
+dict is what ``train_vae``, ``train_ldm`` and ``sampling`` receive as ``cfg``.
+
+Fields that only change how long a run lasts (``RUN_LENGTH_KEYS``) are left out of the training-state hash, so
+raising ``epochs`` continues a finished or killed run instead of restarting it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from nnqc_pipe.config import config_hash, deep_merge
+
+CONDITIONING_MODES = ("none", "image", "position", "full")
+CANDIDATE_ENCODINGS = ("coverage", "vae")
+RUN_LENGTH_KEYS = ("epochs", "max_minutes", "patience")
+
+_COMMON: dict[str, Any] = {
+    "encoder": {
+        # E2, the frozen vision expert. UniMedCLIP ViT-B/16 was trained with QuickGELU.
+        "architecture": "ViT-B-16-quickgelu",
+        "checkpoint": None,
+        "tiny_fallback": False,
+        "tiny_checkpoint": None,
+        "allow_unsafe_pickle": False,
+        "token_grid": 4,
+        "batch_size": 32,
+    },
+    "ldm": {"candidate_encoding": "coverage"},
+    "noise": {
+        "n_train_timesteps": 1000,
+        "schedule": "scaled_linear_beta",
+        "beta_start": 0.0015,
+        "beta_end": 0.0195,
+    },
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": deep_merge(
+        _COMMON,
+        {
+            "plan_patch_size": [256, 256],
+            "vae": {
+                "channels": [64, 128, 256],
+                "num_res_blocks": 2,
+                "attention_levels": [False, False, False],
+                "nonlocal_attn": True,
+                "latent_channels": 2,
+                "norm_num_groups": 32,
+                "disc_channels": 64,
+                "disc_layers": 3,
+                "epochs": 500,
+                "batch_size": 32,
+                "lr": 5e-5,
+                "disc_lr": 5e-5,
+                "loss_weights": {"kl": 1e-6, "dice": 1.0, "adv": 0.01, "perc": 1.0},
+                "adv_warmup_epochs": 10,
+                "perceptual": {"network_type": "resnet50", "weights": None},
+                "patience": 50,
+                "max_minutes": None,
+                "val_max_slices": 512,
+            },
+            "ldm": {
+                "channels": [32, 64, 128, 256],
+                "num_res_blocks": 2,
+                "attention_levels": [False, True, True, True],
+                "num_head_channels": 32,
+                "norm_num_groups": 32,
+                "epochs": 1500,
+                "batch_size": 32,
+                "lr": 2.5e-5,
+                "ema_decay": 0.999,
+                "grad_clip": 1.0,
+                "warmup_steps": 500,
+                "patience": 100,
+                "max_minutes": None,
+                "val_every": 10,
+                "val_severities": [0.3, 0.5],
+                "val_ddim_steps": 20,
+                "val_max_subjects": 16,
+            },
+            "experts": {"mode": "full", "d_model": 512, "n_queries": 8, "n_heads": 8, "n_fourier": 16},
+            "inference": {"ddim_steps": 20, "n_samples": 1, "batch_size": 32},
+        },
+    ),
+    "cpu": deep_merge(
+        _COMMON,
+        {
+            "plan_patch_size": None,
+            "vae": {
+                "channels": [32, 64, 64],
+                "num_res_blocks": 1,
+                "attention_levels": [False, False, False],
+                "nonlocal_attn": False,
+                "latent_channels": 2,
+                "norm_num_groups": 16,
+                "disc_channels": 32,
+                "disc_layers": 2,
+                "epochs": 15,
+                "batch_size": 32,
+                "lr": 1e-3,
+                "disc_lr": 5e-4,
+                "loss_weights": {"kl": 1e-6, "dice": 1.0, "adv": 0.01, "perc": 0.1},
+                "adv_warmup_epochs": 5,
+                "perceptual": {"network_type": "resnet50", "weights": None},
+                "patience": 10,
+                "max_minutes": 6,
+                "val_max_slices": 512,
+            },
+            "ldm": {
+                "channels": [32, 64, 64],
+                "num_res_blocks": 1,
+                "attention_levels": [False, True, True],
+                "num_head_channels": 32,
+                "norm_num_groups": 16,
+                "epochs": 60,
+                "batch_size": 32,
+                "lr": 5e-4,
+                "ema_decay": 0.995,
+                "grad_clip": 1.0,
+                "warmup_steps": 100,
+                "patience": 30,
+                "max_minutes": 12,
+                "val_every": 5,
+                "val_severities": [0.3, 0.5],
+                "val_ddim_steps": 10,
+                "val_max_subjects": 12,
+            },
+            "experts": {"mode": "full", "d_model": 64, "n_queries": 4, "n_heads": 4, "n_fourier": 8},
+            "inference": {"ddim_steps": 20, "n_samples": 1, "batch_size": 64},
+        },
+    ),
+    "tiny": deep_merge(
+        _COMMON,
+        {
+            "plan_patch_size": None,
+            "vae": {
+                "channels": [16, 32, 32],
+                "num_res_blocks": 1,
+                "attention_levels": [False, False, False],
+                "nonlocal_attn": False,
+                "latent_channels": 2,
+                "norm_num_groups": 8,
+                "disc_channels": 16,
+                "disc_layers": 2,
+                "epochs": 4,
+                "batch_size": 16,
+                "lr": 1e-3,
+                "disc_lr": 5e-4,
+                "loss_weights": {"kl": 1e-6, "dice": 1.0, "adv": 0.01, "perc": 0.1},
+                "adv_warmup_epochs": 2,
+                "perceptual": {"network_type": "resnet50", "weights": None},
+                "patience": None,
+                "max_minutes": 3,
+                "val_max_slices": 128,
+            },
+            "ldm": {
+                "channels": [16, 32],
+                "num_res_blocks": 1,
+                "attention_levels": [False, True],
+                "num_head_channels": 16,
+                "norm_num_groups": 8,
+                "epochs": 4,
+                "batch_size": 16,
+                "lr": 1e-3,
+                "ema_decay": 0.99,
+                "grad_clip": 1.0,
+                "warmup_steps": 20,
+                "patience": None,
+                "max_minutes": 3,
+                "val_every": 2,
+                "val_severities": [0.3, 0.5],
+                "val_ddim_steps": 5,
+                "val_max_subjects": 2,
+            },
+            "experts": {"mode": "full", "d_model": 32, "n_queries": 4, "n_heads": 2, "n_fourier": 8},
+            "inference": {"ddim_steps": 10, "n_samples": 1, "batch_size": 32},
+        },
+    ),
+}
+
+
+def resolve(preset_name: str, overrides: dict[str, Any] | None, plan: dict[str, Any]) -> dict[str, Any]:
+    """Return the preset ``preset_name`` with ``overrides`` deep-merged in and the plan's sizes filled in.
+
+    ``plan`` must carry ``patch_size`` ([H, W]) and ``n_classes``; they are copied to the top level of the
+    result because the networks are built for exactly those slices.
+    """
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
+    cfg = deep_merge(PRESETS[preset_name], overrides or {})
+    cfg["preset"] = preset_name
+    cfg["patch_size"] = [int(v) for v in plan["patch_size"]]
+    cfg["n_classes"] = int(plan["n_classes"])
+    _validate(cfg)
+    return cfg
+
+
+def training_hash(cfg: dict[str, Any], section: str, extra: dict[str, Any] | None = None) -> str:
+    """Hash of what a training run's result depends on, run-length fields excluded.
+
+    ``section`` is ``vae`` or ``ldm``; the LDM also depends on the autoencoder, the experts, the encoder
+    and the noise schedule. ``extra`` adds run inputs (subject lists, seed).
+    """
+    keys = ["patch_size", "n_classes", "vae"] + (["ldm", "experts", "encoder", "noise"] if section == "ldm" else [])
+    relevant = {k: copy.deepcopy(cfg[k]) for k in keys}
+    for key in RUN_LENGTH_KEYS:
+        relevant[section].pop(key, None)
+    relevant["extra"] = copy.deepcopy(extra or {})
+    return config_hash(relevant)
+
+
+def _validate(cfg: dict[str, Any]) -> None:
+    """Fail early, naming the config key, on settings the networks cannot be built with."""
+    for section in ("vae", "ldm"):
+        groups = cfg[section]["norm_num_groups"]
+        bad = [c for c in cfg[section]["channels"] if c % groups]
+        if bad:
+            raise ValueError(f"{section}.channels {bad} are not multiples of {section}.norm_num_groups={groups}")
+        if len(cfg[section]["attention_levels"]) != len(cfg[section]["channels"]):
+            raise ValueError(f"{section}.attention_levels must have one entry per {section}.channels level")
+    if cfg["ldm"]["candidate_encoding"] not in CANDIDATE_ENCODINGS:
+        raise ValueError(f"ldm.candidate_encoding must be one of {CANDIDATE_ENCODINGS}")
+    mode = cfg["experts"]["mode"]
+    if mode not in CONDITIONING_MODES:
+        raise ValueError(f"experts.mode {mode!r} is not one of {CONDITIONING_MODES}")
+    factor = 2 ** (len(cfg["vae"]["channels"]) - 1)
+    if any(s % factor for s in cfg["patch_size"]):
+        raise ValueError(f"patch_size {cfg['patch_size']} must be a multiple of {factor} for vae.channels")
+    if cfg["n_classes"] < 2:
+        raise ValueError("n_classes must be at least 2 (background + one structure)")
+
+
+def required_divisor(cfg: dict[str, Any]) -> int:
+    """Patch-size multiple at which neither the autoencoder nor the UNet needs padding (a planner hint)."""
+    return 2 ** (len(cfg["vae"]["channels"]) - 1) * 2 ** (len(cfg["ldm"]["channels"]) - 1)

@@ -1,0 +1,158 @@
+"""Pseudo ground truth (pGT) generation: candidate + slice position + image features -> DDIM -> decoded mask.
+
+Used by LDM validation during training and by the inference rule. All slices of a subject are processed in
+batches (``n_samples`` noise draws per slice in the same batch) under ``torch.inference_mode``; noise is drawn
+per slice from one seeded generator, so results do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from nnqc_pipe.device import resolve_device
+from nnqc_pipe.models.autoencoder import build_autoencoder, latent_factor
+from nnqc_pipe.models.ldm import ConditionalLDM, ddim_scheduler, encode_candidate
+
+
+@dataclass
+class PGTModels:
+    """Everything sampling needs: the decoder side of the autoencoder, the (EMA) LDM and the latent scale."""
+
+    vae: torch.nn.Module
+    ldm: ConditionalLDM
+    scale_factor: float
+    cfg: dict[str, Any]
+    device: torch.device
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes including background."""
+        return int(self.cfg["n_classes"])
+
+    @property
+    def latent_factor(self) -> int:
+        """Down-sampling factor between slices and latents."""
+        return latent_factor(self.cfg["vae"]["channels"])
+
+    def candidate_condition(self, candidate: torch.Tensor) -> torch.Tensor:
+        """The UNet's candidate channels for class-index candidates [B, H, W]."""
+        return encode_candidate(candidate, self.cfg, self.vae, self.scale_factor)
+
+
+class PGT(NamedTuple):
+    """Mean class probabilities [S, C, H, W] over samples and a per-slice uncertainty [S] in [0, 1]."""
+
+    probabilities: np.ndarray
+    uncertainty: np.ndarray
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load one of our own checkpoints (tensors and plain data only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_models(model_dir: str | os.PathLike, device: str = "auto") -> PGTModels:
+    """Load ``vae.pt`` (best weights) and ``ldm.pt`` (best EMA weights + scale factor) in ``model_dir``."""
+    dev = resolve_device(device)
+    vae_ckpt = read_checkpoint(Path(model_dir) / "vae.pt")
+    ldm_ckpt = read_checkpoint(Path(model_dir) / "ldm.pt")
+    vae = build_autoencoder(vae_ckpt["ae_kwargs"])
+    vae.load_state_dict(vae_ckpt["best_model"])
+    ldm = ConditionalLDM(ldm_ckpt["unet_kwargs"], ldm_ckpt["toe_kwargs"])
+    ldm.load_state_dict(ldm_ckpt["best_model"])
+    return PGTModels(
+        vae=vae.to(dev).eval(),
+        ldm=ldm.to(dev).eval(),
+        scale_factor=float(ldm_ckpt["scale_factor"]),
+        cfg=ldm_ckpt["cfg"],
+        device=dev,
+    )
+
+
+def _repeat(array: np.ndarray | None, index: slice, times: int, device: torch.device) -> torch.Tensor | None:
+    if array is None:
+        return None
+    return torch.as_tensor(np.asarray(array[index]), dtype=torch.float32, device=device).repeat_interleave(times, 0)
+
+
+@torch.inference_mode()
+def generate_pgt(
+    models: PGTModels,
+    candidate: np.ndarray,
+    slice_ratio: np.ndarray,
+    embeddings: dict[str, np.ndarray] | None = None,
+    ddim_steps: int = 20,
+    n_samples: int = 1,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> PGT:
+    """pGT for every slice of a subject.
+
+    ``candidate`` [S, H, W] class indices on the preprocessed grid, ``slice_ratio`` [S], ``embeddings`` the
+    subject's E2 cache (``pooled``, ``tokens``; needed for conditioning modes ``image`` and ``full``).
+    ``batch_size`` counts network inputs, i.e. slices x samples.
+    """
+    dev, n_classes = models.device, models.n_classes
+    if models.ldm.toe.uses_image and embeddings is None:
+        raise ValueError(f"conditioning mode {models.ldm.toe.mode!r} needs the subject's image embeddings")
+    n_slices, height, width = candidate.shape
+    latent_shape = (
+        models.cfg["vae"]["latent_channels"],
+        height // models.latent_factor,
+        width // models.latent_factor,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n_slices, n_samples, *latent_shape), generator=generator)
+    scheduler = ddim_scheduler(models.cfg, ddim_steps)
+    probabilities = np.empty((n_slices, n_classes, height, width), dtype=np.float32)
+    uncertainty = np.empty(n_slices, dtype=np.float32)
+    step = max(1, batch_size // n_samples)
+    for start in range(0, n_slices, step):
+        index = slice(start, min(start + step, n_slices))
+        cand = torch.as_tensor(np.asarray(candidate[index]), device=dev).long()
+        cand_latent = models.candidate_condition(cand).repeat_interleave(n_samples, 0)
+        ratio = _repeat(slice_ratio, index, n_samples, dev)
+        pooled = _repeat(embeddings["pooled"], index, n_samples, dev) if embeddings is not None else None
+        tokens = _repeat(embeddings["tokens"], index, n_samples, dev) if embeddings is not None else None
+        context = models.ldm.context(ratio, pooled, tokens)
+        latents = noise[index].flatten(0, 1).to(dev)
+        for t in scheduler.timesteps:
+            timesteps = torch.full((latents.shape[0],), int(t), device=dev, dtype=torch.long)
+            eps = models.ldm.denoise(latents, timesteps, cand_latent, context)
+            latents, _ = scheduler.step(eps, int(t), latents)
+        samples = torch.softmax(models.vae.decode(latents / models.scale_factor), dim=1)
+        samples = samples.view(-1, n_samples, n_classes, height, width)
+        probabilities[index] = samples.mean(1).cpu().numpy()
+        uncertainty[index] = slice_uncertainty(samples, cand).cpu().numpy()
+    return PGT(probabilities, uncertainty)
+
+
+def slice_uncertainty(samples: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Mean normalised entropy of the sample-averaged probabilities inside the region of interest.
+
+    ``samples`` [B, K, C, H, W] (K draws), ``candidate`` [B, H, W]. The region is every pixel that is
+    foreground in any draw or in the candidate, so background far from the structure does not dilute the
+    value; a slice with an empty region scores 0. Disagreement between draws and soft decoder outputs both
+    raise it.
+    """
+    mean = samples.mean(1)
+    entropy = -(mean * torch.log(mean.clamp_min(1e-8))).sum(1) / math.log(samples.shape[2])
+    region = (samples.argmax(2) > 0).any(1) | (candidate > 0)
+    return (entropy * region).sum((1, 2)) / region.sum((1, 2)).clamp_min(1)
+
+
+def class_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
+    """Dice per foreground class (1..C-1) between two class-index arrays; both empty -> 1, one empty -> 0."""
+    scores = np.empty(n_classes - 1, dtype=np.float64)
+    for c in range(1, n_classes):
+        a, b = pred == c, truth == c
+        total = int(a.sum()) + int(b.sum())
+        scores[c - 1] = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+    return scores

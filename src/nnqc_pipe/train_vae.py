@@ -1,0 +1,239 @@
+"""Rule ``train_vae``: stage 1, the VAE-GAN on ground-truth mask slices.
+
+Loss = λ_KL·KL + λ_Dice·generalised Dice + λ_adv·adversarial (after ``adv_warmup_epochs``) +
+λ_perc·perceptual, all on the softmax of the decoder output. Validation: reconstruction Dice (through the
+latent mean) of validation slices; the best epoch's weights are what stage 2 and inference use.
+
+Outputs in ``out_dir``: ``vae.pt`` (final full training state with the best weights under ``best_model``),
+``vae_curves.csv``, and the resumable ``vae_state.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import GeneralizedDiceLoss, PatchAdversarialLoss
+
+from nnqc_pipe.device import resolve_device, seed_everything
+from nnqc_pipe.models.autoencoder import (
+    autoencoder_kwargs,
+    build_autoencoder,
+    build_discriminator,
+    build_perceptual,
+    kl_divergence,
+    one_hot,
+)
+from nnqc_pipe.models.training import (
+    SliceSet,
+    StopRule,
+    batches_of,
+    load_slices,
+    load_state,
+    progress,
+    save_state,
+    seed_epoch,
+    write_curves,
+)
+from nnqc_pipe.presets import training_hash
+from nnqc_pipe.sampling import class_dice
+
+log = logging.getLogger(__name__)
+
+
+class VAETrainer:
+    """One VAE-GAN training run: networks, optimisers and losses, with a resumable state."""
+
+    def __init__(self, cfg: dict[str, Any], device: torch.device) -> None:
+        self.cfg, self.vcfg, self.device = cfg, cfg["vae"], device
+        self.ae_kwargs = autoencoder_kwargs(cfg)
+        self.ae = build_autoencoder(self.ae_kwargs).to(device)
+        self.disc = build_discriminator(cfg).to(device)
+        self.opt_g = torch.optim.Adam(self.ae.parameters(), lr=self.vcfg["lr"])
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.vcfg["disc_lr"])
+        self.weights = self.vcfg["loss_weights"]
+        self.dice_loss = GeneralizedDiceLoss(include_background=True, to_onehot_y=False, softmax=False)
+        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        self.perceptual, self.perceptual_info = build_perceptual(
+            self.vcfg["perceptual"], self.weights["perc"]
+        )
+        if self.perceptual is not None:
+            self.perceptual.to(device)
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore networks and optimisers from a saved state."""
+        self.ae.load_state_dict(state["model"])
+        self.disc.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+    def train_epoch(self, data: SliceSet, epoch: int, seed: int) -> dict[str, float]:
+        """One pass over the training slices in a (seed, epoch)-determined order; returns mean losses."""
+        rng = seed_epoch(seed, epoch, stream=0)
+        adversarial = epoch >= self.vcfg["adv_warmup_epochs"] and self.weights["adv"] > 0
+        self.ae.train()
+        self.disc.train()
+        batches = batches_of(rng.permutation(len(data)), self.vcfg["batch_size"])
+        sums: dict[str, float] = {}
+        for index in progress(batches, len(batches), f"vae epoch {epoch + 1}"):
+            labels = torch.as_tensor(data.label[index], device=self.device)
+            for key, value in self.train_step(one_hot(labels, self.cfg["n_classes"]), adversarial).items():
+                sums[key] = sums.get(key, 0.0) + value
+        return {key: value / len(batches) for key, value in sums.items()} | {"steps": len(batches)}
+
+    def train_step(self, target: torch.Tensor, adversarial: bool) -> dict[str, float]:
+        """Generator (autoencoder) update, then the discriminator update when the adversarial term is on."""
+        logits, z_mu, z_sigma = self.ae(target)
+        probs = torch.softmax(logits, dim=1)
+        terms = {"dice": self.dice_loss(probs, target), "kl": kl_divergence(z_mu, z_sigma)}
+        if self.perceptual is not None:
+            terms["perc"] = self.perceptual(probs, target)
+        if adversarial:
+            fake = self.disc(probs.contiguous())[-1]
+            terms["adv_g"] = self.adv_loss(fake, target_is_real=True, for_discriminator=False)
+        weight_of = {"dice": "dice", "kl": "kl", "perc": "perc", "adv_g": "adv"}
+        loss = sum(self.weights[weight_of[k]] * v for k, v in terms.items())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        out = {"loss": loss.item()} | {k: v.item() for k, v in terms.items()}
+        if adversarial:
+            out["adv_d"] = self.discriminator_step(probs.detach(), target)
+        return out
+
+    def discriminator_step(self, fake: torch.Tensor, real: torch.Tensor) -> float:
+        """Least-squares patch-GAN update: soft reconstructions are fake, one-hot masks real."""
+        self.opt_d.zero_grad(set_to_none=True)
+        loss = 0.5 * (
+            self.adv_loss(self.disc(fake.contiguous())[-1], target_is_real=False, for_discriminator=True)
+            + self.adv_loss(self.disc(real.contiguous())[-1], target_is_real=True, for_discriminator=True)
+        )
+        loss.backward()
+        self.opt_d.step()
+        return loss.item()
+
+    @torch.inference_mode()
+    def validate(self, labels: np.ndarray) -> float:
+        """Mean foreground-class Dice of the reconstructions (decoded latent means) of ``labels``."""
+        self.ae.eval()
+        recon = []
+        for start in range(0, len(labels), self.vcfg["batch_size"]):
+            batch = torch.as_tensor(labels[start : start + self.vcfg["batch_size"]], device=self.device)
+            recon.append(self.ae.reconstruct(one_hot(batch, self.cfg["n_classes"])).argmax(1).cpu().numpy())
+        return float(class_dice(np.concatenate(recon), labels, self.cfg["n_classes"]).mean())
+
+    def state(self, **extra: Any) -> dict[str, Any]:
+        """The full training state (networks, optimisers) plus run bookkeeping in ``extra``."""
+        return {
+            "kind": "vae",
+            "ae_kwargs": self.ae_kwargs,
+            "model": self.ae.state_dict(),
+            "discriminator": self.disc.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "perceptual": self.perceptual_info,
+            **extra,
+        }
+
+
+def validation_labels(val: SliceSet, max_slices: int, seed: int) -> np.ndarray:
+    """A fixed subset (at most ``max_slices``, kept in order) of the validation slices."""
+    if len(val) <= max_slices:
+        return val.label
+    keep = np.sort(np.random.default_rng([seed, 99]).choice(len(val), max_slices, replace=False))
+    return val.label[keep]
+
+
+def train_vae(
+    train_npz: Sequence[str | os.PathLike],
+    val_npz: Sequence[str | os.PathLike],
+    plan: dict[str, Any],
+    cfg: dict[str, Any],
+    out_dir: str | os.PathLike,
+    device: str,
+    seed: int,
+) -> None:
+    """Train (or resume) the VAE-GAN and write ``vae.pt``, ``vae_curves.csv`` and ``vae_state.pt``."""
+    out_dir = Path(out_dir)
+    dev = resolve_device(device)
+    seed_everything(seed)
+    train = load_slices(train_npz, plan["patch_size"], cfg["n_classes"])
+    val = load_slices(val_npz, plan["patch_size"], cfg["n_classes"])
+    val_labels = validation_labels(val, cfg["vae"]["val_max_slices"], seed)
+    run_hash = training_hash(cfg, "vae", {"train": train.names, "val": val.names, "seed": seed})
+    trainer = VAETrainer(cfg, dev)
+    state = load_state(out_dir / "vae_state.pt", run_hash)
+    book: dict[str, Any] = {
+        "epoch": 0,
+        "step": 0,
+        "best_val_dice": -1.0,
+        "best_epoch": 0,
+        "curves": [],
+        "seconds": 0.0,
+    }
+    best_model = {k: v.detach().clone() for k, v in trainer.ae.state_dict().items()}
+    if state is not None:
+        trainer.load(state)
+        best_model = state["best_model"]
+        book = {k: state[k] for k in book}
+    log.info(
+        "vae: %d training / %d validation slices, %s, device %s",
+        len(train),
+        len(val_labels),
+        cfg["preset"],
+        dev,
+    )
+    stop = StopRule(cfg["vae"]["patience"], cfg["vae"]["max_minutes"], book["seconds"])
+    stopped = None
+    while book["epoch"] < cfg["vae"]["epochs"] and stopped is None:
+        started = stop.seconds
+        losses = trainer.train_epoch(train, book["epoch"], seed)
+        train_seconds = stop.seconds - started
+        val_dice = trainer.validate(val_labels)
+        book["epoch"] += 1
+        book["step"] += losses.pop("steps")
+        if val_dice > book["best_val_dice"]:
+            book["best_val_dice"], book["best_epoch"] = val_dice, book["epoch"]
+            best_model = {k: v.detach().clone() for k, v in trainer.ae.state_dict().items()}
+        row = {
+            "epoch": book["epoch"],
+            "step": book["step"],
+            **losses,
+            "val_dice": val_dice,
+            "seconds": stop.seconds - started,
+            "slices_per_s": len(train) / max(train_seconds, 1e-9),
+        }
+        book["curves"].append(row)
+        book["seconds"] = stop.seconds
+        log.info(
+            "vae epoch %d/%d: %s | val Dice %.4f | %.1f s, %.1f slices/s",
+            book["epoch"],
+            cfg["vae"]["epochs"],
+            " ".join(f"{k} {v:.4g}" for k, v in losses.items()),
+            val_dice,
+            row["seconds"],
+            row["slices_per_s"],
+        )
+        stopped = stop.reason(book["epoch"], book["best_epoch"])
+        save_state(
+            out_dir / "vae_state.pt",
+            trainer.state(config_hash=run_hash, cfg=cfg, best_model=best_model, **book),
+        )
+        write_curves(out_dir / "vae_curves.csv", book["curves"])
+    if stopped:
+        log.info("vae: stopped after epoch %d: %s", book["epoch"], stopped)
+    final = trainer.state(config_hash=run_hash, cfg=cfg, best_model=best_model, stopped=stopped, **book)
+    save_state(out_dir / "vae_state.pt", final)
+    save_state(out_dir / "vae.pt", final)
+    write_curves(out_dir / "vae_curves.csv", book["curves"])
+    log.info(
+        "vae: best validation Dice %.4f at epoch %d; %.0f s in total",
+        book["best_val_dice"],
+        book["best_epoch"],
+        book["seconds"],
+    )

@@ -1,0 +1,240 @@
+"""Presets, devices, the autoencoder side, the LDM wrapper and pGT sampling, on tiny networks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from nnqc_pipe import presets
+from nnqc_pipe.device import resolve_device
+from nnqc_pipe.models.autoencoder import (
+    MaskPerceptualLoss,
+    autoencoder_kwargs,
+    build_autoencoder,
+    build_discriminator,
+    build_perceptual,
+    find_perceptual_weights,
+    one_hot,
+)
+from nnqc_pipe.models.ldm import ConditionalLDM, candidate_to_latent, toe_kwargs, unet_kwargs
+from nnqc_pipe.sampling import PGTModels, class_dice, generate_pgt, slice_uncertainty
+
+PLAN = {"patch_size": [32, 32], "n_classes": 3}
+TINY = {
+    "vae": {
+        "channels": [8, 16],
+        "attention_levels": [False, False],
+        "norm_num_groups": 8,
+        "disc_channels": 8,
+        "disc_layers": 1,
+    },
+    "ldm": {"channels": [16, 16], "attention_levels": [False, True], "num_head_channels": 8, "norm_num_groups": 8},
+    "experts": {"d_model": 16, "n_queries": 2, "n_heads": 2, "n_fourier": 4},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a shared 2-core machine they stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cfg() -> dict:
+    return presets.resolve("cpu", TINY, PLAN)
+
+
+# --- presets and devices -------------------------------------------------------------------------
+
+
+def test_presets_resolve_fill_plan_and_merge_overrides():
+    paper = presets.resolve("paper", {"ldm": {"epochs": 3}}, {"patch_size": [256, 256], "n_classes": 2})
+    assert paper["vae"]["channels"] == [64, 128, 256]
+    assert paper["ldm"]["channels"] == [32, 64, 128, 256]
+    assert paper["ldm"]["epochs"] == 3 and paper["ldm"]["lr"] == presets.PRESETS["paper"]["ldm"]["lr"]
+    assert paper["patch_size"] == [256, 256] and paper["n_classes"] == 2
+    assert paper["inference"]["ddim_steps"] == 20 and paper["vae"]["batch_size"] == 32
+    assert presets.resolve("cpu", None, PLAN)["preset"] == "cpu"
+    tiny = presets.resolve("tiny", None, PLAN)
+    assert presets.required_divisor(tiny) == 4 * 2 and presets.required_divisor(paper) == 4 * 8
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"vae": {"channels": [8, 12]}}, "norm_num_groups"),
+        ({"experts": {"mode": "both"}}, "experts.mode"),
+        ({"ldm": {"attention_levels": [True]}}, "attention_levels"),
+    ],
+)
+def test_presets_reject_unbuildable_settings(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        presets.resolve("cpu", overrides, PLAN)
+
+
+def test_presets_reject_unknown_name_and_odd_patch():
+    with pytest.raises(ValueError, match="unknown preset"):
+        presets.resolve("gpu", None, PLAN)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        presets.resolve("cpu", None, {"patch_size": [30, 32], "n_classes": 2})
+
+
+def test_training_hash_ignores_run_length_only(cfg):
+    longer = presets.resolve("cpu", TINY | {"ldm": TINY["ldm"] | {"epochs": 999, "max_minutes": 1}}, PLAN)
+    assert presets.training_hash(cfg, "ldm") == presets.training_hash(longer, "ldm")
+    other_lr = presets.resolve("cpu", TINY | {"ldm": TINY["ldm"] | {"lr": 1.0}}, PLAN)
+    assert presets.training_hash(cfg, "ldm") != presets.training_hash(other_lr, "ldm")
+    assert presets.training_hash(cfg, "vae") == presets.training_hash(other_lr, "vae")
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+# --- stage 1 ------------------------------------------------------------------------------------
+
+
+def test_autoencoder_and_discriminator_shapes(cfg):
+    ae = build_autoencoder(autoencoder_kwargs(cfg))
+    x = one_hot(torch.randint(0, 3, (2, 32, 32)), 3)
+    recon, z_mu, _ = ae(x)
+    assert recon.shape == x.shape and recon.dtype == torch.float32
+    assert z_mu.shape == (2, 2, 16, 16)
+    assert build_discriminator(cfg)(torch.softmax(recon, 1))[-1].ndim == 4
+
+
+def test_perceptual_loss_off_without_local_weights(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    loss, info = build_perceptual({"network_type": "resnet50", "weights": None}, weight=0.1)
+    assert loss is None and info["enabled"] is False and "nothing is downloaded" in info["reason"]
+    assert "perceptual loss disabled" in caplog.text
+    assert build_perceptual({"weights": None}, weight=0.0)[1]["reason"].endswith("is 0")
+
+
+def test_perceptual_loss_from_local_file_has_gradient_on_soft_masks(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    weights.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    assert find_perceptual_weights({"weights": str(tmp_path)}) == weights, "TORCH_HOME layout"
+    loss, info = build_perceptual({"network_type": "resnet50", "weights": str(weights)}, weight=1.0)
+    assert isinstance(loss, MaskPerceptualLoss) and info["enabled"] is True
+    logits = torch.randn(2, 3, 32, 32, requires_grad=True)
+    value = loss(torch.softmax(logits, 1), one_hot(torch.randint(0, 3, (2, 32, 32)), 3))
+    value.backward()
+    assert torch.isfinite(value) and logits.grad.abs().sum() > 0
+
+
+# --- stage 2 ------------------------------------------------------------------------------------
+
+
+def test_candidate_to_latent_is_class_coverage():
+    cand = torch.zeros(1, 8, 8, dtype=torch.long)
+    cand[0, :4, :4] = 1
+    cand[0, 4:, 4:6] = 2
+    lat = candidate_to_latent(cand, 3, 4)
+    assert lat.shape == (1, 2, 2, 2)
+    assert lat[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert lat[0, 1].tolist() == [[0.0, 0.0], [0.0, 0.5]]
+
+
+def test_ldm_pads_latents_the_unet_cannot_halve(cfg):
+    cfg = presets.resolve(
+        "cpu", TINY | {"ldm": TINY["ldm"] | {"channels": [16, 16, 16], "attention_levels": [False, False, True]}}, PLAN
+    )
+    model = ConditionalLDM(unet_kwargs(cfg), toe_kwargs(cfg, pooled_dim=8, token_dim=8, n_tokens=4))
+    noisy = torch.randn(2, 2, 6, 10)
+    eps = model(
+        noisy, torch.tensor([1, 500]), torch.rand(2, 2, 6, 10), torch.rand(2), torch.randn(2, 8), torch.randn(2, 4, 8)
+    )
+    assert eps.shape == noisy.shape
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+def _models(cfg: dict, mode: str = "full") -> PGTModels:
+    torch.manual_seed(0)
+    cfg = cfg | {"experts": cfg["experts"] | {"mode": mode}}
+    ldm = ConditionalLDM(unet_kwargs(cfg), toe_kwargs(cfg, pooled_dim=8, token_dim=8, n_tokens=4))
+    vae = build_autoencoder(autoencoder_kwargs(cfg))
+    return PGTModels(vae=vae.eval(), ldm=ldm.eval(), scale_factor=1.0, cfg=cfg, device=torch.device("cpu"))
+
+
+def _embeddings(n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(n)
+    return {
+        "pooled": rng.normal(size=(n, 8)).astype(np.float32),
+        "tokens": rng.normal(size=(n, 4, 8)).astype(np.float32),
+    }
+
+
+def test_generate_pgt_shapes_determinism_and_batch_independence(cfg):
+    models = _models(cfg)
+    rng = np.random.default_rng(0)
+    cand = rng.integers(0, 3, (5, 32, 32)).astype(np.uint8)
+    ratio = np.linspace(0, 1, 5).astype(np.float32)
+    emb = {
+        "pooled": rng.normal(size=(5, 8)).astype(np.float32),
+        "tokens": rng.normal(size=(5, 4, 8)).astype(np.float32),
+    }
+    a = generate_pgt(models, cand, ratio, emb, ddim_steps=3, n_samples=2, batch_size=4, seed=1)
+    b = generate_pgt(models, cand, ratio, emb, ddim_steps=3, n_samples=2, batch_size=10, seed=1)
+    assert a.probabilities.shape == (5, 3, 32, 32) and a.uncertainty.shape == (5,)
+    np.testing.assert_allclose(a.probabilities.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    assert np.all((a.uncertainty >= 0) & (a.uncertainty <= 1))
+    with pytest.raises(ValueError, match="needs the subject's image embeddings"):
+        generate_pgt(models, cand, ratio, None, ddim_steps=2)
+
+
+def test_generate_pgt_without_image_embeddings_in_position_mode(cfg):
+    pgt = generate_pgt(
+        _models(cfg, "position"), np.zeros((2, 32, 32), np.uint8), np.array([0.0, 1.0]), None, ddim_steps=2
+    )
+    assert pgt.probabilities.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(("encoding", "channels"), [("coverage", 2), ("vae", 2)])
+def test_candidate_encodings_feed_the_unet(cfg, encoding, channels):
+    cfg = cfg | {"ldm": cfg["ldm"] | {"candidate_encoding": encoding}}
+    models = _models(cfg)
+    assert models.ldm.unet.conv_in.conv.in_channels == cfg["vae"]["latent_channels"] + channels
+    cand = torch.zeros(2, 32, 32, dtype=torch.long)
+    cand[:, 8:20, 8:20] = 1
+    condition = models.candidate_condition(cand)
+    assert condition.shape == (2, channels, 16, 16) and not condition.requires_grad
+    pgt = generate_pgt(models, cand.numpy(), np.array([0.2, 0.8]), _embeddings(2), ddim_steps=2)
+    assert pgt.probabilities.shape == (2, 3, 32, 32)
+
+
+def test_slice_uncertainty_counts_only_the_region_of_interest():
+    sure = torch.zeros(1, 2, 3, 4, 4)
+    sure[:, :, 0] = 1.0
+    assert slice_uncertainty(sure, torch.zeros(1, 4, 4, dtype=torch.long)).item() == 0.0
+    split = torch.zeros(1, 2, 3, 4, 4)
+    split[:, 0, 1], split[:, 1, 0] = 1.0, 1.0
+    assert slice_uncertainty(split, torch.zeros(1, 4, 4, dtype=torch.long)).item() == pytest.approx(
+        np.log(2) / np.log(3), rel=1e-4
+    )
+
+
+def test_class_dice_conventions():
+    a = np.zeros((4, 4), np.uint8)
+    b = a.copy()
+    assert class_dice(a, b, 3).tolist() == [1.0, 1.0]
+    b[0, 0] = 1
+    assert class_dice(a, b, 3).tolist() == [0.0, 1.0]
+    a[0, :2] = 1
+    assert class_dice(a, b, 3)[0] == pytest.approx(2 / 3)
