@@ -28,7 +28,7 @@ rule plan:
     output:
         f"{OUT}/plan.json",
     params:
-        overrides=as_json(config["plan"]),
+        overrides=as_json(PLAN_OVERRIDES),
     conda:
         "../envs/nnqc.yaml"
     log:

@@ -40,4 +40,6 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path
 
 def plan_defaults(**plan) -> dict:
     """The config's ``plan`` section with schema defaults and the given overrides."""
-    return validate_config({"cohort": "x", "images": "{subject}", "label_names": {"1": "a"}, "plan": plan})["plan"]
+    config = validate_config({"cohort": "x", "images": "{subject}", "label_names": {"1": "a"}, "plan": plan})
+    divisor = config["plan"]["divisor"]
+    return {**config["plan"], "divisor": 8 if divisor == "auto" else divisor}

@@ -17,7 +17,7 @@ def test_shipped_configs_validate_and_get_defaults(name):
     c = cfg.load_config(REPO / name)
     assert c["split"]["seed"] == 42
     assert c["inference"]["ddim_steps"] >= 1
-    assert c["plan"]["divisor"] == 8
+    assert c["plan"]["divisor"] == "auto"
 
 
 def _minimal(**extra):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from nnqc_pipe import demo
-from nnqc_pipe.io import read_json
+from nnqc_pipe.io import read_json, read_parquet_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -43,6 +43,11 @@ def base_config(workdir: Path, images: str, labels: str, **extra) -> dict:
         "label_names": {"1": "wall", "2": "cavity"},
         "split": {"test_fraction": 0.3, "val_fraction": 0.2, "seed": 1},
         "plan": {"max_patch_size": 48},
+        "preset": "tiny",
+        "model": {"vae": {"epochs": 2}, "ldm": {"epochs": 2, "val_every": 1}},
+        "expert": {"tiny_fallback": True},
+        "inference": {"ddim_steps": 3},
+        "device": "cpu",
         **extra,
     }
 
@@ -93,6 +98,43 @@ def test_demo_degraded_masks_on_original_grid(demo_run):
     row = manifest.iloc[0]
     mask, image = nib.load(row.path), nib.load(demo_run / "data/imagesTr" / f"{row.subject}.nii.gz")
     assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+
+
+def test_demo_pgt_back_on_original_grid(demo_run):
+    pgts = sorted((demo_run / "pgt").glob("*/*.nii.gz"))
+    sources = {p.parent.name for p in pgts}
+    assert sources == {"gt", "degraded_L1", "degraded_L2", "degraded_L3", "degraded_L4", "degraded_L5"}
+    for path in pgts[:6]:
+        image = nib.load(demo_run / "data/imagesTr" / path.name)
+        pgt = nib.load(path)
+        assert pgt.shape == image.shape and np.allclose(pgt.affine, image.affine)
+        assert set(np.unique(np.asarray(pgt.dataobj))) <= {0, 1, 2}
+        assert (demo_run / "errors" / path.parent.name / path.name).exists()
+
+
+def test_demo_report_tables(demo_run):
+    report = demo_run / "report"
+    subjects = pd.read_parquet(report / "subjects.parquet")
+    assert {"predicted_dsc", "real_dsc", "predicted_hd95_mm", "real_hd95_mm", "n_slices", "qc_pass"} <= set(
+        subjects.columns)
+    assert set(subjects.label) == {"wall", "cavity", "foreground"}
+    assert subjects.real_dsc.notna().all()  # every QC'd subject here has GT
+    gt_real = subjects.query("source == 'gt' and label == 'foreground'").real_dsc
+    assert (gt_real == 1.0).all()
+    l1 = subjects.query("source == 'degraded_L1' and label == 'foreground'").real_dsc
+    assert l1.between(0.05, 0.10).mean() >= 0.5
+    slices = pd.read_parquet(report / "slices.parquet")
+    assert slices.slice_ratio.between(0, 1).all() and (slices.slice_index >= 0).all()
+    summary = pd.read_parquet(report / "summary.parquet")
+    assert {"n", "pearson_r", "mae", "mae_std"} <= set(summary.columns) and "all" in set(summary.source)
+    ranking = pd.read_parquet(report / "ranking.parquet")
+    assert set(ranking.source) == set(subjects.source) and "kendall_tau" in ranking.columns
+    meta = read_parquet_metadata(report / "ranking.parquet")
+    assert meta["pipeline_version"] and meta["config_hash"]
+    assert set(meta["checkpoints"]) == {"vae.pt", "ldm.pt"}
+    assert meta["model_card"]["encoder"]["pretrained"] is False
+    for figure in ("predicted_vs_real_dsc.png", "mae_per_level.png", "worst_overlays.png"):
+        assert (report / "figures" / figure).stat().st_size > 1000
 
 
 def test_bad_subject_is_excluded_and_reported(tmp_path):

@@ -54,9 +54,10 @@ def parse_log(path: str) -> dict:
 
 def slurm_jobs(run_id: str) -> list[dict]:
     out = subprocess.run(
-        ["squeue", "--states=all", "-h", "--name", run_id, "-O",
-         "JobID:|,State:|,Partition:|,tres-per-job:|,Comment:"],
-        check=True, capture_output=True, text=True,
+        ["squeue", "--states=all", "-h", "--name", run_id, "-O", "JobID:|,State:|,Partition:|,tres-per-job:|,Comment:"],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     jobs = []
     for line in out.splitlines():
@@ -96,8 +97,10 @@ def check_jobs(log: dict, cpu_partition: str, gpu_partition: str) -> None:
     if not ids:
         fail("snakemake reported no sbatch submission")
     elif ids != known:
-        fail(f"SLURM ids reported by snakemake {sorted(ids, key=int)} != jobs SLURM knows for the run "
-             f"{sorted(known, key=int)} (MinJobAge too short?)")
+        fail(
+            f"SLURM ids reported by snakemake {sorted(ids, key=int)} != jobs SLURM knows for the run "
+            f"{sorted(known, key=int)} (MinJobAge too short?)"
+        )
     else:
         ok(f"{len(ids)} sbatch submissions, all known to slurmctld")
     states = collections.Counter(j["state"] for j in jobs)
@@ -116,8 +119,10 @@ def check_jobs(log: dict, cpu_partition: str, gpu_partition: str) -> None:
         gpu_ok = ("gpu:a100:1" in j["tres"]) if is_gpu else ("gpu" not in j["tres"])
         per_rule[name][(j["partition"], j["tres"])] += 1
         if j["partition"] != want or not gpu_ok:
-            fail(f"job {j['id']} ({name}): partition {j['partition']}, tres {j['tres']}; wanted {want}"
-                 + (" with gres gpu:a100:1" if is_gpu else " without GPU"))
+            fail(
+                f"job {j['id']} ({name}): partition {j['partition']}, tres {j['tres']}; wanted {want}"
+                + (" with gres gpu:a100:1" if is_gpu else " without GPU")
+            )
     print("sbatch jobs per rule or group (partition, GPU request): count")
     for name in sorted(per_rule):
         for (part, tres), n in sorted(per_rule[name].items()):

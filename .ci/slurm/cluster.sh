@@ -17,14 +17,14 @@
 # devices (/dev/null's numbers): jobs get CUDA_VISIBLE_DEVICES but no CUDA device, and run on the CPU.
 #
 # Environment: NNQC_SLURM_STATE (default /tmp/nnqc-slurm: spool, state, logs, pid files, record of what was
-# started), NNQC_SLURM_CPUS (16), NNQC_SLURM_MEM_MB (128000), NNQC_SLURM_GPUS (2),
+# started), NNQC_SLURM_CPUS (32), NNQC_SLURM_MEM_MB (256000), NNQC_SLURM_GPUS (2),
 # NNQC_SLURM_MIN_JOB_AGE (600 s: how long finished jobs stay visible to squeue; the plugin's squeue status mode
 # needs >= 3 x slurm-init-seconds-before-status-checks).
 set -euo pipefail
 
 STATE=${NNQC_SLURM_STATE:-/tmp/nnqc-slurm}
-NODE_CPUS=${NNQC_SLURM_CPUS:-16}
-NODE_MEM_MB=${NNQC_SLURM_MEM_MB:-128000}
+NODE_CPUS=${NNQC_SLURM_CPUS:-32}
+NODE_MEM_MB=${NNQC_SLURM_MEM_MB:-256000}
 NODE_GPUS=${NNQC_SLURM_GPUS:-2}
 MIN_JOB_AGE=${NNQC_SLURM_MIN_JOB_AGE:-600}
 HOST=$(hostname -s)

@@ -3,8 +3,9 @@
 Training pairs are made on the fly: a ground-truth slice's latent (from the frozen stage-1 encoder, scaled by
 a factor computed once from the training latents and saved) is noised at a random timestep, and the UNet,
 given the noisy latent, a corrupted version of the same slice (``degrade.corrupt_slice`` over the whole
-severity range, empty masks included) and the Team of Experts context, predicts the noise. EMA weights,
-gradient clipping, bf16 autocast of the UNet on CUDA only.
+severity range, empty masks included) and the Team of Experts context, predicts the noise (MSE with
+Min-SNR-γ weights, ``ldm.min_snr_gamma``). EMA weights (with a warm-up), gradient clipping, bf16 autocast of
+the UNet on CUDA only.
 
 Validation samples pGTs (DDIM, EMA weights) for whole validation subjects from candidates corrupted at fixed
 severities, and the checkpoint with the best reconstruction Dice of those pGTs is kept, not the lowest loss.
@@ -209,13 +210,14 @@ class LDMTrainer:
         return {"loss": total / len(batches), "steps": len(batches), "lr": self.lr_schedule.get_last_lr()[0]}
 
     def train_step(self, z0: torch.Tensor, cand: torch.Tensor, ratio: np.ndarray, emb: dict) -> float:
-        """ε-prediction MSE on one batch; clipped gradient step; EMA update."""
+        """ε-prediction MSE (Min-SNR weighted) on one batch; clipped gradient step; EMA update."""
         noise = torch.randn_like(z0)
         timesteps = torch.randint(0, self.noise.num_train_timesteps, (z0.shape[0],), device=self.device)
         noisy = self.noise.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
         ratio_t = torch.as_tensor(ratio, device=self.device)
         pred = self.model(noisy, timesteps, cand, ratio_t, emb.get("pooled"), emb.get("tokens"))
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
+        loss = (per_sample * self.loss_weight(timesteps)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.lcfg["grad_clip"])
@@ -223,6 +225,19 @@ class LDMTrainer:
         self.lr_schedule.step()
         self.ema.update_parameters(self.model)
         return loss.item()
+
+    def loss_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ weights for ε-prediction, ``min(SNR, γ) / SNR`` (Hang et al. 2023); 1 without γ.
+
+        Low-noise steps dominate a plain ε loss; capping their weight lets the network learn early what the
+        high-noise steps need — using the candidate and the context — which decides the layout of a sample.
+        """
+        gamma = self.lcfg["min_snr_gamma"]
+        if not gamma:
+            return torch.ones_like(timesteps, dtype=torch.float32)
+        alpha_bar = self.noise.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alpha_bar / (1 - alpha_bar)
+        return snr.clamp(max=gamma) / snr
 
     def state(self, **extra: Any) -> dict[str, Any]:
         """The full training state plus run bookkeeping in ``extra``."""
