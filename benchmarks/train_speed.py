@@ -3,7 +3,7 @@
 Speed: a few training steps of the VAE-GAN and of the LDM (corruption sampling included) on synthetic slices of
 the preset's size, timed after one warm-up step; prints slices/s per stage.
 
-    python benchmarks/train_speed.py                          # cpu (64², batch 32) and paper (256², batch 4)
+    python benchmarks/train_speed.py                  # cpu (64², the preset's batches) and paper (256², batch 4)
     python benchmarks/train_speed.py --presets cpu --iters 20 --threads 1
 
 Real run (``--hippocampus``): fingerprint, plan and preprocessing of the shared MSD hippocampus cohort with the
@@ -89,18 +89,19 @@ def ldm_speed(cfg: dict, labels: np.ndarray, iters: int, rng: np.random.Generato
 def speed(args: argparse.Namespace) -> None:
     """Print slices/s of both stages for each requested preset."""
     rng = np.random.default_rng(0)
-    sizes = {"paper": (256, args.paper_batch), "cpu": (args.cpu_patch, 32), "tiny": (args.cpu_patch, 16)}
+    sizes = {"paper": 256, "cpu": args.cpu_patch, "tiny": args.cpu_patch}
     print(f"torch threads: {torch.get_num_threads()}, classes: {args.n_classes}")
-    print(f"{'preset':8} {'patch':>7} {'batch':>5} {'vae slices/s':>13} {'ldm slices/s':>13}")
+    print(f"{'preset':8} {'patch':>7} {'batch':>11} {'vae slices/s':>13} {'ldm slices/s':>13}")
     for name in args.presets:
-        size, batch = sizes[name]
-        overrides = {"vae": {"batch_size": batch}, "ldm": {"batch_size": batch}}
+        size = sizes[name]
+        batch = {"vae": {"batch_size": args.paper_batch}, "ldm": {"batch_size": args.paper_batch}}
+        overrides = batch if name == "paper" else {}
         cfg = presets.resolve(name, overrides, {"patch_size": [size, size], "n_classes": args.n_classes})
-        labels = synthetic_labels(batch, size, args.n_classes, rng)
+        vae_batch, ldm_batch = cfg["vae"]["batch_size"], cfg["ldm"]["batch_size"]
         torch.manual_seed(0)
-        vae = vae_speed(cfg, labels, args.iters)
-        ldm = ldm_speed(cfg, labels, args.iters, rng)
-        print(f"{name:8} {size:>4}x{size:<3}{batch:>5} {vae:>13.1f} {ldm:>13.1f}", flush=True)
+        vae = vae_speed(cfg, synthetic_labels(vae_batch, size, args.n_classes, rng), args.iters)
+        ldm = ldm_speed(cfg, synthetic_labels(ldm_batch, size, args.n_classes, rng), args.iters, rng)
+        print(f"{name:8} {size:>4}x{size:<3}{vae_batch:>5}/{ldm_batch:<5} {vae:>13.1f} {ldm:>13.1f}", flush=True)
 
 
 def prepare_hippocampus(data: Path, out: Path, n_train: int, seed: int) -> tuple[dict, list[str], list[str]]:
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(presets.PRESETS))
     parser.add_argument("--iters", type=int, default=5, help="timed steps per stage (after one warm-up step)")
     parser.add_argument("--cpu-patch", type=int, default=64, help="slice size for the cpu and tiny presets")
-    parser.add_argument("--paper-batch", type=int, default=4, help="batch of the paper preset (32 on A100)")
+    parser.add_argument("--paper-batch", type=int, default=4, help="batch of the paper preset here (32 on A100)")
     parser.add_argument("--n-classes", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--hippocampus", action="store_true", help="run the real cpu-preset training instead")

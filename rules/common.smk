@@ -8,8 +8,8 @@ from snakemake.logging import logger
 from snakemake.utils import min_version, validate
 
 from nnqc_pipe import demo as demo_module
-from nnqc_pipe.config import config_hash, deep_merge, discover_subjects, label_map
-from nnqc_pipe.presets import PRESETS, required_divisor
+from nnqc_pipe.config import config_hash, discover_subjects, label_map
+from nnqc_pipe.presets import plan_overrides
 
 min_version("9.0")
 
@@ -41,9 +41,7 @@ SETTINGS = {
     "tiny_checkpoint": f"{MODELS}/tiny_vision_expert.pt",
 }
 # The plan rounds patch sizes to the preset networks' downsampling factor unless the config fixes it.
-PLAN_OVERRIDES = dict(config["plan"])
-if PLAN_OVERRIDES["divisor"] == "auto":
-    PLAN_OVERRIDES["divisor"] = required_divisor(deep_merge(PRESETS[config["preset"]], config["model"]))
+PLAN_OVERRIDES = plan_overrides(config)
 USES_IMAGE = config["model"].get("experts", {}).get("mode", "full") in ("image", "full")
 DEGRADED_SOURCES = [f"degraded_L{level}" for level in LEVELS]
 USER_SOURCES = dict(config["sources"])

@@ -16,6 +16,7 @@ from nnqc_pipe.fingerprint import compute_fingerprint
 from nnqc_pipe.inspect_subject import inspect_subject
 from nnqc_pipe.io import InputError
 from nnqc_pipe.plan import make_plan
+from nnqc_pipe.presets import plan_overrides
 
 
 def _class_dice(a: np.ndarray, b: np.ndarray, n_classes: int) -> list[float]:
@@ -127,5 +128,5 @@ def test_real_cohort_roundtrip(cohort):
     pairs = [(p.split("/")[-1][: -len(".nii.gz")], p, p.replace("imagesTr", "labelsTr"))
              for p in sorted(glob.glob(str(root / "imagesTr/*.nii.gz")))]
     recs = [inspect_subject(s, i, lbl, list(label_map(config))) for s, i, lbl in pairs]
-    plan = make_plan(compute_fingerprint(recs, "MR", label_map(config)), config["plan"])
+    plan = make_plan(compute_fingerprint(recs, "MR", label_map(config)), plan_overrides(config))
     assert _roundtrip_worst_dice(recs, plan) >= 0.99

@@ -238,3 +238,11 @@ def _validate(cfg: dict[str, Any]) -> None:
 def required_divisor(cfg: dict[str, Any]) -> int:
     """Patch-size multiple at which neither the autoencoder nor the UNet needs padding (a planner hint)."""
     return 2 ** (len(cfg["vae"]["channels"]) - 1) * 2 ** (len(cfg["ldm"]["channels"]) - 1)
+
+
+def plan_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """The config's ``plan`` section with ``divisor: auto`` replaced by the preset networks' downsampling factor."""
+    overrides = dict(config["plan"])
+    if overrides["divisor"] == "auto":
+        overrides["divisor"] = required_divisor(deep_merge(PRESETS[config["preset"]], config["model"]))
+    return overrides
