@@ -101,7 +101,7 @@ def speed(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         vae = vae_speed(cfg, synthetic_labels(vae_batch, size, args.n_classes, rng), args.iters)
         ldm = ldm_speed(cfg, synthetic_labels(ldm_batch, size, args.n_classes, rng), args.iters, rng)
-        print(f"{name:8} {size:>4}x{size:<3}{vae_batch:>5}/{ldm_batch:<5} {vae:>13.1f} {ldm:>13.1f}", flush=True)
+        print(f"{name:8} {size:>4}x{size:<3}{vae_batch:>5}/{ldm_batch:<5} {vae:>13.2f} {ldm:>13.2f}", flush=True)
 
 
 def prepare_hippocampus(data: Path, out: Path, n_train: int, seed: int) -> tuple[dict, list[str], list[str]]:
