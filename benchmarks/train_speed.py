@@ -104,8 +104,10 @@ def speed(args: argparse.Namespace) -> None:
         print(f"{name:8} {size:>4}x{size:<3}{vae_batch:>5}/{ldm_batch:<5} {vae:>13.2f} {ldm:>13.2f}", flush=True)
 
 
-def prepare_hippocampus(data: Path, out: Path, n_train: int, seed: int) -> tuple[dict, list[str], list[str]]:
-    """Fingerprint, plan and preprocess the cohort with the package's modules; returns plan and npz lists."""
+def prepare_hippocampus(
+    data: Path, out: Path, n_train: int, seed: int, divisor: int
+) -> tuple[dict, list[str], list[str]]:
+    """Fingerprint, plan (patch a multiple of ``divisor``) and preprocess the cohort with the package's modules."""
     from nnqc_pipe.config import validate_config
     from nnqc_pipe.fingerprint import compute_fingerprint
     from nnqc_pipe.inspect_subject import inspect_subject
@@ -127,7 +129,8 @@ def prepare_hippocampus(data: Path, out: Path, n_train: int, seed: int) -> tuple
     images = {s: data / "imagesTr" / f"{s}.nii.gz" for s in subjects}
     labels = {s: data / "labelsTr" / f"{s}.nii.gz" for s in subjects}
     records = [inspect_subject(s, images[s], labels[s], [1, 2]) for s in train + val]
-    plan = make_plan(compute_fingerprint(records, "MR", {1: "anterior", 2: "posterior"}), config["plan"])
+    plan_cfg = config["plan"] | {"divisor": divisor}
+    plan = make_plan(compute_fingerprint(records, "MR", {1: "anterior", 2: "posterior"}), plan_cfg)
     (out / "preprocessed").mkdir(parents=True, exist_ok=True)
     for s in subjects:
         save_preprocessed(preprocess_subject(s, images[s], labels[s], plan), out / "preprocessed" / f"{s}.npz")
@@ -143,13 +146,14 @@ def hippocampus(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     started = time.perf_counter()
-    plan, train, val = prepare_hippocampus(Path(args.data), out, args.n_train, args.seed)
+    overrides = json.loads(args.overrides) | {"encoder": {"tiny_fallback": True}}
+    divisor = presets.required_divisor(presets.resolve("cpu", overrides, {"patch_size": [64, 64], "n_classes": 3}))
+    plan, train, val = prepare_hippocampus(Path(args.data), out, args.n_train, args.seed, divisor)
     print(
         f"preprocessing: {time.perf_counter() - started:.0f} s, patch {plan['patch_size']}, "
         f"{len(train)} train / {len(val)} val subjects",
         flush=True,
     )
-    overrides = json.loads(args.overrides) | {"encoder": {"tiny_fallback": True}}
     cfg = presets.resolve("cpu", overrides, plan)
     emb_dir = out / "embeddings"
     started = time.perf_counter()

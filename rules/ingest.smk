@@ -24,7 +24,7 @@ if config["demo"]["enabled"]:
 rule inspect:
     input:
         image=image_path,
-        label=existing_label_path,
+        label=lambda w: label_path(w) if config["demo"]["enabled"] else existing_label_path(w),
     output:
         f"{OUT}/inspect/{{subject}}.json",
     params:

@@ -8,11 +8,12 @@ rule score:
         candidate=candidate_path,
         pgt=f"{OUT}/pgt/{{source}}/{{subject}}.nii.gz",
         slices=f"{OUT}/pgt/{{source}}/{{subject}}.slices.parquet",
+        gt=lambda w: [] if gt_param(w) == "none" else gt_param(w),
     output:
         f"{OUT}/scores/{{source}}/{{subject}}.parquet",
     params:
         cohort=COHORT,
-        gt=gt_param,
+        gt=lambda w, input: input.gt or "none",
         tolerance=config["metrics"]["surface_dice_tolerance_mm"],
     conda:
         "../envs/nnqc.yaml"
