@@ -78,9 +78,11 @@ def ldm_speed(cfg: dict, labels: np.ndarray, iters: int, rng: np.random.Generato
         "tokens": torch.randn(n, VIT_B16["n_tokens"], VIT_B16["token_dim"]),
     }
 
+    image = torch.randn(labels.shape) if models.needs_image else None
+
     def step() -> None:
         candidates = corrupt_batch(labels, cfg["n_classes"], rng.uniform(0, 1, n), rng)
-        cand = models.candidate_condition(torch.as_tensor(candidates))
+        cand = models.condition(torch.as_tensor(candidates), image)
         trainer.train_step(z0, cand, rng.uniform(0, 1, n).astype(np.float32), emb)
 
     return n / timed(step, iters)

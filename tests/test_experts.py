@@ -202,7 +202,7 @@ def _loss(model: ConditionalLDM, seed: int) -> torch.Tensor:
     eps = model(
         noisy,
         torch.tensor([10, 200, 500, 900]),
-        torch.rand(4, 1, 8, 8, generator=g),
+        torch.rand(4, model.unet.conv_in.conv.in_channels - 2, 8, 8, generator=g),
         torch.rand(4, generator=g),
         pooled,
         tokens,

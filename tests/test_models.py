@@ -18,7 +18,7 @@ from nnqc_pipe.models.autoencoder import (
     find_perceptual_weights,
     one_hot,
 )
-from nnqc_pipe.models.ldm import ConditionalLDM, candidate_to_latent, toe_kwargs, unet_kwargs
+from nnqc_pipe.models.ldm import ConditionalLDM, encode_candidate, spatial_condition, toe_kwargs, unet_kwargs
 from nnqc_pipe.sampling import PGTModels, class_dice, generate_pgt, slice_uncertainty
 
 PLAN = {"patch_size": [32, 32], "n_classes": 3}
@@ -30,7 +30,14 @@ TINY = {
         "disc_channels": 8,
         "disc_layers": 1,
     },
-    "ldm": {"channels": [16, 16], "attention_levels": [False, True], "num_head_channels": 8, "norm_num_groups": 8},
+    "ldm": {
+        "channels": [16, 16],
+        "attention_levels": [False, True],
+        "num_head_channels": 8,
+        "norm_num_groups": 8,
+        "candidate_encoding": "coverage",
+        "image_input": False,
+    },
     "experts": {"d_model": 16, "n_queries": 2, "n_heads": 2, "n_fourier": 4},
 }
 
@@ -139,14 +146,48 @@ def test_perceptual_loss_from_local_file_has_gradient_on_soft_masks(tmp_path):
 # --- stage 2 ------------------------------------------------------------------------------------
 
 
-def test_candidate_to_latent_is_class_coverage():
+def test_coverage_encoding_is_class_coverage(cfg):
+    cfg = cfg | {"vae": cfg["vae"] | {"channels": [8, 16, 16]}}
     cand = torch.zeros(1, 8, 8, dtype=torch.long)
     cand[0, :4, :4] = 1
     cand[0, 4:, 4:6] = 2
-    lat = candidate_to_latent(cand, 3, 4)
+    lat = encode_candidate(cand, cfg, None, 1.0)
     assert lat.shape == (1, 2, 2, 2)
     assert lat[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
     assert lat[0, 1].tolist() == [[0.0, 0.0], [0.0, 0.5]]
+
+
+def test_unshuffle_condition_keeps_candidate_and_image_losslessly(cfg):
+    cfg = cfg | {"ldm": cfg["ldm"] | {"candidate_encoding": "unshuffle", "image_input": True}}
+    rng = np.random.default_rng(3)
+    cand = torch.as_tensor(rng.integers(0, 3, (2, 32, 32)))
+    image = torch.as_tensor(rng.normal(size=(2, 32, 32)).astype(np.float32))
+    condition = spatial_condition(cand, image, cfg, None, 1.0)
+    assert condition.shape == (2, 2 * 4 + 4, 16, 16)
+    assert unet_kwargs(cfg)["in_channels"] == cfg["vae"]["latent_channels"] + 2 * 4 + 4
+    back = torch.nn.functional.pixel_shuffle(condition, 2)
+    assert torch.equal(back[:, 0] + 2 * back[:, 1], cand.float())
+    assert torch.equal(back[:, 2], image)
+    with pytest.raises(ValueError, match="image slices are needed"):
+        spatial_condition(cand, None, cfg, None, 1.0)
+
+
+def test_generate_pgt_with_image_input_depends_on_the_image(cfg):
+    cfg = cfg | {"ldm": cfg["ldm"] | {"candidate_encoding": "unshuffle", "image_input": True}}
+    models = _models(cfg)
+    with torch.no_grad():  # MONAI zero-initialises the UNet's output convolution: give it weights
+        for param in models.ldm.unet.out.parameters():
+            param.normal_(std=0.1)
+    rng = np.random.default_rng(4)
+    cand = rng.integers(0, 3, (2, 32, 32)).astype(np.uint8)
+    image = rng.normal(size=(2, 32, 32)).astype(np.float32)
+    ratio, emb = np.array([0.2, 0.8]), _embeddings(2)
+    a = generate_pgt(models, cand, ratio, emb, image=image, ddim_steps=2)
+    b = generate_pgt(models, cand, ratio, emb, image=image * 3 + 1, ddim_steps=2)
+    assert a.probabilities.shape == (2, 3, 32, 32)
+    assert not np.allclose(a.probabilities, b.probabilities)
+    with pytest.raises(ValueError, match="takes the image slices"):
+        generate_pgt(models, cand, ratio, emb, ddim_steps=2)
 
 
 def test_ldm_pads_latents_the_unet_cannot_halve(cfg):
@@ -206,14 +247,14 @@ def test_generate_pgt_without_image_embeddings_in_position_mode(cfg):
     assert pgt.probabilities.shape == (2, 3, 32, 32)
 
 
-@pytest.mark.parametrize(("encoding", "channels"), [("coverage", 2), ("vae", 2)])
+@pytest.mark.parametrize(("encoding", "channels"), [("coverage", 2), ("vae", 2), ("unshuffle", 8)])
 def test_candidate_encodings_feed_the_unet(cfg, encoding, channels):
     cfg = cfg | {"ldm": cfg["ldm"] | {"candidate_encoding": encoding}}
     models = _models(cfg)
     assert models.ldm.unet.conv_in.conv.in_channels == cfg["vae"]["latent_channels"] + channels
     cand = torch.zeros(2, 32, 32, dtype=torch.long)
     cand[:, 8:20, 8:20] = 1
-    condition = models.candidate_condition(cand)
+    condition = models.condition(cand)
     assert condition.shape == (2, channels, 16, 16) and not condition.requires_grad
     pgt = generate_pgt(models, cand.numpy(), np.array([0.2, 0.8]), _embeddings(2), ddim_steps=2)
     assert pgt.probabilities.shape == (2, 3, 32, 32)

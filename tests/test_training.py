@@ -205,6 +205,7 @@ def test_trained_models_generate_pgt(cohort, ldm_dir, vae_dir):
         data["label"],
         data["slice_ratio"],
         load_embeddings(cohort["val_emb"][0]),
+        image=data["image"],
         ddim_steps=3,
         n_samples=2,
         batch_size=8,

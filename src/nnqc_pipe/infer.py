@@ -73,6 +73,7 @@ def infer_subject(
         candidate_patch,
         pre.slice_ratio,
         embeddings,
+        image=pre.image,
         ddim_steps=int(inference_cfg["ddim_steps"]),
         n_samples=int(inference_cfg["samples"]),
         batch_size=int(inference_cfg["batch_size"]),

@@ -16,7 +16,7 @@ from typing import Any
 from nnqc_pipe.config import config_hash, deep_merge
 
 CONDITIONING_MODES = ("none", "image", "position", "full")
-CANDIDATE_ENCODINGS = ("coverage", "vae")
+CANDIDATE_ENCODINGS = ("coverage", "vae", "unshuffle")
 RUN_LENGTH_KEYS = ("epochs", "max_minutes", "patience")
 
 _COMMON: dict[str, Any] = {
@@ -30,7 +30,9 @@ _COMMON: dict[str, Any] = {
         "token_grid": 4,
         "batch_size": 32,
     },
-    "ldm": {"candidate_encoding": "coverage", "min_snr_gamma": 5.0},
+    # The paper's spatial condition is the candidate's coverage at latent size, the image only reaches the LDM
+    # through E2; the cpu/tiny presets feed candidate and image losslessly (see models/ldm.py).
+    "ldm": {"candidate_encoding": "unshuffle", "image_input": True, "min_snr_gamma": 5.0},
     "noise": {
         "n_train_timesteps": 1000,
         "schedule": "scaled_linear_beta",
@@ -65,6 +67,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "val_max_slices": 512,
             },
             "ldm": {
+                "candidate_encoding": "coverage",
+                "image_input": False,
                 "channels": [32, 64, 128, 256],
                 "num_res_blocks": 2,
                 "attention_levels": [False, True, True, True],

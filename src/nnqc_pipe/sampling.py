@@ -18,7 +18,7 @@ import torch
 
 from nnqc_pipe.device import resolve_device
 from nnqc_pipe.models.autoencoder import build_autoencoder, latent_factor
-from nnqc_pipe.models.ldm import ConditionalLDM, ddim_scheduler, encode_candidate
+from nnqc_pipe.models.ldm import ConditionalLDM, ddim_scheduler, spatial_condition
 
 
 @dataclass
@@ -41,9 +41,14 @@ class PGTModels:
         """Down-sampling factor between slices and latents."""
         return latent_factor(self.cfg["vae"]["channels"])
 
-    def candidate_condition(self, candidate: torch.Tensor) -> torch.Tensor:
-        """The UNet's candidate channels for class-index candidates [B, H, W]."""
-        return encode_candidate(candidate, self.cfg, self.vae, self.scale_factor)
+    @property
+    def needs_image(self) -> bool:
+        """Whether the UNet takes the image slices as input channels (``ldm.image_input``)."""
+        return bool(self.cfg["ldm"]["image_input"])
+
+    def condition(self, candidate: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's spatial condition for class-index candidates [B, H, W] and image slices [B, H, W]."""
+        return spatial_condition(candidate, image, self.cfg, self.vae, self.scale_factor)
 
 
 class PGT(NamedTuple):
@@ -88,6 +93,7 @@ def generate_pgt(
     candidate: np.ndarray,
     slice_ratio: np.ndarray,
     embeddings: dict[str, np.ndarray] | None = None,
+    image: np.ndarray | None = None,
     ddim_steps: int = 20,
     n_samples: int = 1,
     batch_size: int = 32,
@@ -96,12 +102,15 @@ def generate_pgt(
     """pGT for every slice of a subject.
 
     ``candidate`` [S, H, W] class indices on the preprocessed grid, ``slice_ratio`` [S], ``embeddings`` the
-    subject's E2 cache (``pooled``, ``tokens``; needed for conditioning modes ``image`` and ``full``).
+    subject's E2 cache (``pooled``, ``tokens``; needed for conditioning modes ``image`` and ``full``), ``image``
+    [S, H, W] the preprocessed image slices (needed when the model was trained with ``ldm.image_input``).
     ``batch_size`` counts network inputs, i.e. slices x samples.
     """
     dev, n_classes = models.device, models.n_classes
     if models.ldm.toe.uses_image and embeddings is None:
         raise ValueError(f"conditioning mode {models.ldm.toe.mode!r} needs the subject's image embeddings")
+    if models.needs_image and image is None:
+        raise ValueError("this model takes the image slices as input (ldm.image_input); pass the preprocessed image")
     n_slices, height, width = candidate.shape
     latent_shape = (
         models.cfg["vae"]["latent_channels"],
@@ -117,7 +126,8 @@ def generate_pgt(
     for start in range(0, n_slices, step):
         index = slice(start, min(start + step, n_slices))
         cand = torch.as_tensor(np.asarray(candidate[index]), device=dev).long()
-        cand_latent = models.candidate_condition(cand).repeat_interleave(n_samples, 0)
+        slices = torch.as_tensor(np.asarray(image[index]), device=dev) if models.needs_image else None
+        cand_latent = models.condition(cand, slices).repeat_interleave(n_samples, 0)
         ratio = _repeat(slice_ratio, index, n_samples, dev)
         pooled = _repeat(embeddings["pooled"], index, n_samples, dev) if embeddings is not None else None
         tokens = _repeat(embeddings["tokens"], index, n_samples, dev) if embeddings is not None else None

@@ -125,6 +125,7 @@ def validate(
             case["candidate"],
             val.slice_ratio[case["rows"]],
             emb,
+            image=val.image[case["rows"]] if val.image is not None else None,
             ddim_steps=cfg["ldm"]["val_ddim_steps"],
             n_samples=1,
             batch_size=cfg["inference"]["batch_size"],
@@ -161,6 +162,13 @@ def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor]
     return update
 
 
+def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """Normalised image slices [B, H, W] with a random gain in [0.8, 1.25] and offset in [-0.2, 0.2] per slice."""
+    gain = np.exp(rng.uniform(np.log(0.8), np.log(1.25), (len(image), 1, 1)))
+    offset = rng.uniform(-0.2, 0.2, (len(image), 1, 1))
+    return torch.as_tensor((image.astype(np.float32) * gain + offset).astype(np.float32))
+
+
 class LDMTrainer:
     """One LDM training run: the conditional UNet + ToE, its EMA copy, optimiser and warm-up schedule."""
 
@@ -186,13 +194,15 @@ class LDMTrainer:
         data: SliceSet,
         latents: torch.Tensor,
         embeddings: dict | None,
-        condition: Callable[[torch.Tensor], torch.Tensor],
+        condition: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
         epoch: int,
         seed: int,
     ) -> dict[str, float]:
         """One pass over the training slices with fresh corruptions, noise and timesteps.
 
-        ``condition`` turns class-index candidates into the UNet's candidate channels.
+        ``condition`` turns class-index candidates (and image slices) into the UNet's spatial condition; the
+        image slices get a random intensity scale and shift per slice, so the network learns shapes and
+        contrast edges rather than one cohort's exact intensities.
         """
         rng = seed_epoch(seed, epoch, stream=1)
         severity = degrade_module().sample_severity
@@ -205,7 +215,8 @@ class LDMTrainer:
             emb = (
                 {k: torch.as_tensor(v[index], device=self.device) for k, v in embeddings.items()} if embeddings else {}
             )
-            cand = condition(torch.as_tensor(candidates, device=self.device))
+            image = augment_intensity(data.image[index], rng) if data.image is not None else None
+            cand = condition(torch.as_tensor(candidates, device=self.device), image)
             total += self.train_step(latents[index].to(self.device), cand, data.slice_ratio[index], emb)
         return {"loss": total / len(batches), "steps": len(batches), "lr": self.lr_schedule.get_last_lr()[0]}
 
@@ -329,8 +340,9 @@ def train_ldm(
     out_dir, dev = Path(out_dir), resolve_device(device)
     seed_everything(seed)
     n_classes = cfg["n_classes"]
-    train = load_slices(train_npz, plan["patch_size"], n_classes)
-    val = load_slices(val_npz, plan["patch_size"], n_classes)
+    with_image = bool(cfg["ldm"]["image_input"])
+    train = load_slices(train_npz, plan["patch_size"], n_classes, with_image)
+    val = load_slices(val_npz, plan["patch_size"], n_classes, with_image)
     uses_image = cfg["experts"]["mode"] in ("image", "full")
     train_e = val_e = None
     encoder: dict[str, Any] = {"used": False, "reason": f"conditioning mode {cfg['experts']['mode']!r}"}
@@ -397,7 +409,7 @@ def train_ldm(
     stopped = None
     while book["epoch"] < lcfg["epochs"] and stopped is None:
         started = stop.seconds
-        losses = trainer.train_epoch(train, latents, train_e, models.candidate_condition, book["epoch"], seed)
+        losses = trainer.train_epoch(train, latents, train_e, models.condition, book["epoch"], seed)
         train_seconds = stop.seconds - started
         book["epoch"] += 1
         book["step"] += losses.pop("steps")

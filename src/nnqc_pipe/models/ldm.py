@@ -1,10 +1,16 @@
 """Stage 2: the conditional latent diffusion model (MONAI ``DiffusionModelUNet`` + Team of Experts).
 
 The UNet predicts the noise ε of a noisy mask latent; its input is the noisy latent concatenated with the
-candidate mask at latent size, and its cross-attention context is the Team of Experts output. Two candidate
-encodings (``ldm.candidate_encoding``): ``coverage`` — per foreground class, the fraction of each latent cell
-the class covers (one channel for a binary task, as in the paper) — and ``vae`` — the candidate's latent mean
-from the frozen stage-1 encoder, scaled like the targets, which keeps the boundary detail that averaging loses.
+*spatial condition* at latent size, and its cross-attention context is the Team of Experts output.
+
+The spatial condition is the candidate, in one of three encodings (``ldm.candidate_encoding``): ``coverage`` —
+per foreground class, the fraction of each latent cell the class covers (one channel for a binary task, as in
+the paper); ``vae`` — the candidate's latent mean from the frozen stage-1 encoder, scaled like the targets;
+``unshuffle`` — the one-hot foreground classes rearranged losslessly into latent-size channels
+(``pixel_unshuffle``: f² channels per class for a down-sampling factor f), so no boundary detail is lost.
+With ``ldm.image_input`` the normalised image slice is added the same lossless way. This is an nnqc-pipe
+extension of the paper (where the image reaches the LDM only through E2's embedding): a pGT can only correct a
+candidate where the network sees the anatomy, and a CLIP embedding carries no voxel-level position.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ def unet_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     ldm, latent = cfg["ldm"], cfg["vae"]["latent_channels"]
     return {
         "spatial_dims": 2,
-        "in_channels": latent + candidate_channels(cfg),
+        "in_channels": latent + condition_channels(cfg),
         "out_channels": latent,
         "channels": list(ldm["channels"]),
         "attention_levels": list(ldm["attention_levels"]),
@@ -38,11 +44,21 @@ def unet_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def candidate_channels(cfg: dict[str, Any]) -> int:
-    """Number of UNet input channels that carry the candidate."""
-    if cfg["ldm"]["candidate_encoding"] == "vae":
-        return int(cfg["vae"]["latent_channels"])
-    return int(cfg["n_classes"]) - 1
+def latent_factor_of(cfg: dict[str, Any]) -> int:
+    """Down-sampling factor between slices and latents for a resolved preset."""
+    return 2 ** (len(cfg["vae"]["channels"]) - 1)
+
+
+def condition_channels(cfg: dict[str, Any]) -> int:
+    """Number of UNet input channels that carry the spatial condition (candidate, and image if used)."""
+    encoding, foreground = cfg["ldm"]["candidate_encoding"], int(cfg["n_classes"]) - 1
+    if encoding == "vae":
+        channels = int(cfg["vae"]["latent_channels"])
+    elif encoding == "unshuffle":
+        channels = foreground * latent_factor_of(cfg) ** 2
+    else:
+        channels = foreground
+    return channels + (latent_factor_of(cfg) ** 2 if cfg["ldm"]["image_input"] else 0)
 
 
 def toe_kwargs(cfg: dict[str, Any], pooled_dim: int, token_dim: int, n_tokens: int) -> dict[str, Any]:
@@ -88,20 +104,34 @@ def ddim_scheduler(cfg: dict[str, Any], steps: int) -> DDIMScheduler:
     return scheduler
 
 
-def candidate_to_latent(candidate: torch.Tensor, n_classes: int, factor: int) -> torch.Tensor:
-    """Class-index candidates [B, H, W] -> per-foreground-class coverage at latent size [B, C-1, H/f, W/f]."""
-    onehot = F.one_hot(candidate.long(), n_classes).permute(0, 3, 1, 2).float()[:, 1:]
-    return F.avg_pool2d(onehot, factor)
-
-
 @torch.no_grad()
 def encode_candidate(candidate: torch.Tensor, cfg: dict[str, Any], vae: nn.Module, scale_factor: float) -> torch.Tensor:
     """Class-index candidates [B, H, W] -> the UNet's candidate channels (see ``ldm.candidate_encoding``)."""
-    n_classes = int(cfg["n_classes"])
-    if cfg["ldm"]["candidate_encoding"] == "vae":
-        onehot = F.one_hot(candidate.long(), n_classes).permute(0, 3, 1, 2).float()
+    n_classes, encoding = int(cfg["n_classes"]), cfg["ldm"]["candidate_encoding"]
+    onehot = F.one_hot(candidate.long(), n_classes).permute(0, 3, 1, 2).float()
+    if encoding == "vae":
         return vae.encode(onehot)[0] * scale_factor
-    return candidate_to_latent(candidate, n_classes, 2 ** (len(cfg["vae"]["channels"]) - 1))
+    if encoding == "unshuffle":
+        return F.pixel_unshuffle(onehot[:, 1:], latent_factor_of(cfg))
+    return F.avg_pool2d(onehot[:, 1:], latent_factor_of(cfg))
+
+
+@torch.no_grad()
+def spatial_condition(
+    candidate: torch.Tensor,
+    image: torch.Tensor | None,
+    cfg: dict[str, Any],
+    vae: nn.Module,
+    scale_factor: float,
+) -> torch.Tensor:
+    """The UNet's condition channels: the encoded candidate, then the image slices [B, H, W] if ``image_input``."""
+    encoded = encode_candidate(candidate, cfg, vae, scale_factor)
+    if not cfg["ldm"]["image_input"]:
+        return encoded
+    if image is None:
+        raise ValueError("ldm.image_input is on: the preprocessed image slices are needed")
+    image_channels = F.pixel_unshuffle(image.float()[:, None].to(encoded.device), latent_factor_of(cfg))
+    return torch.cat([encoded, image_channels], dim=1)
 
 
 class ConditionalLDM(nn.Module):

@@ -29,25 +29,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SliceSet:
-    """All slices of a list of preprocessed subjects, concatenated along the first axis."""
+    """All slices of a list of preprocessed subjects, concatenated along the first axis.
+
+    ``image`` (float16, to halve the memory of large cohorts) is loaded only when the model takes it as input.
+    """
 
     label: np.ndarray
     slice_ratio: np.ndarray
     subject: np.ndarray
     names: list[str]
+    image: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
 
-def load_slices(npz_paths: Sequence[str | os.PathLike], patch_size: Sequence[int], n_classes: int) -> SliceSet:
-    """Read ``label`` and ``slice_ratio`` of every subject, checking shapes and classes against the plan."""
-    labels, ratios, subjects = [], [], []
+def load_slices(
+    npz_paths: Sequence[str | os.PathLike], patch_size: Sequence[int], n_classes: int, with_image: bool = False
+) -> SliceSet:
+    """Read ``label`` and ``slice_ratio`` (and ``image``) of every subject, checking them against the plan."""
+    labels, ratios, subjects, images = [], [], [], []
     for i, path in enumerate(npz_paths):
         with np.load(path) as data:
             if "label" not in data:
                 raise ValueError(f"{path}: no 'label' array; training subjects need ground truth")
             label, ratio = np.asarray(data["label"]), np.asarray(data["slice_ratio"], dtype=np.float32)
+            if with_image:
+                images.append(np.asarray(data["image"], dtype=np.float16))
         if tuple(label.shape[1:]) != tuple(patch_size) or ratio.shape != label.shape[:1]:
             raise ValueError(f"{path}: label {label.shape} / slice_ratio {ratio.shape} do not fit patch {patch_size}")
         if label.size and int(label.max()) >= n_classes:
@@ -60,6 +68,7 @@ def load_slices(npz_paths: Sequence[str | os.PathLike], patch_size: Sequence[int
         slice_ratio=np.concatenate(ratios),
         subject=np.concatenate(subjects),
         names=[Path(p).stem for p in npz_paths],
+        image=np.concatenate(images) if with_image else None,
     )
 
 
