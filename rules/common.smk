@@ -1,6 +1,7 @@
 # Configuration validation, subject discovery, paths and input functions shared by every stage.
 import functools
 import json
+import math
 import os
 
 import pandas as pd
@@ -8,6 +9,7 @@ from snakemake.logging import logger
 from snakemake.utils import min_version, validate
 
 from nnqc_pipe import demo as demo_module
+from nnqc_pipe.chunks import CHUNK_ID_PATTERN, chunk_group, chunk_of, fill, make_chunks
 from nnqc_pipe.config import config_hash, discover_subjects, label_map
 from nnqc_pipe.presets import plan_overrides
 
@@ -72,29 +74,58 @@ SUBJECTS = all_subjects()
 
 
 wildcard_constraints:
-    subject=r"[^/]+",
-    source="|".join(["gt", r"degraded_L[1-5]", *USER_SOURCES]),
-    level=r"[1-5]",
+    chunk=CHUNK_ID_PATTERN,
 
 
-def image_path(wildcards):
-    return config["images"].format(subject=wildcards.subject)
+# ---- The file contract's per-subject paths, as patterns for the chunk jobs ({subject}, {source}, {level}) ----
+PATTERNS = {
+    "image": config["images"],
+    "label": config["labels"] or "none",
+    "inspect": f"{OUT}/inspect/{{subject}}.json",
+    "npz": f"{OUT}/preprocessed/{{subject}}.npz",
+    "embeddings": f"{OUT}/embeddings/{{subject}}.npz" if USES_IMAGE else "none",
+    "degraded": f"{OUT}/degraded/{{subject}}/L{{level}}.nii.gz",
+    "degraded_manifest": f"{OUT}/degraded/{{subject}}/manifest.parquet",
+    "pgt": f"{OUT}/pgt/{{source}}/{{subject}}.nii.gz",
+    "slices": f"{OUT}/pgt/{{source}}/{{subject}}.slices.parquet",
+    "errors": f"{OUT}/errors/{{source}}/{{subject}}.nii.gz" if config["inference"]["save_error_maps"] else "none",
+    "scores": f"{OUT}/scores/{{source}}/{{subject}}.parquet",
+}
+# Candidate masks of every source: the GT, the saved degradation levels, the user's sources.
+CANDIDATES = {
+    **({"gt": config["labels"]} if HAS_LABELS else {}),
+    **{f"degraded_L{level}": fill(PATTERNS["degraded"], level=level) for level in LEVELS},
+    **USER_SOURCES,
+}
 
 
-def label_path(wildcards):
-    """The subject's label file, or [] for a deployment cohort without labels."""
-    return config["labels"].format(subject=wildcards.subject) if HAS_LABELS else []
+def pattern(name):
+    """A params value: the path pattern ``name`` (a function, so that Snakemake leaves its {placeholders} alone)."""
+    return lambda wildcards: PATTERNS[name]
 
 
-def existing_label_path(wildcards):
-    """The label file as an input only if it exists: ingestion reports a missing pair instead of failing."""
-    path = label_path(wildcards)
-    return path if path and os.path.exists(path) else []
+def as_json(obj):
+    """A config section as a JSON string for a command-line option."""
+    return json.dumps(obj, sort_keys=True)
 
 
-def label_param(wildcards):
-    """The label path as a command-line value ("none" without labels)."""
-    return label_path(wildcards) or "none"
+# ---- Chunks: every per-subject stage runs one job per chunk of subjects (nnqc_pipe.chunks) ----
+CHUNK_SIZES = {
+    stage: config["chunks"]["stages"].get(stage) or config["chunks"]["subjects_per_job"]
+    for stage in ("inspect", "preprocess", "degrade", "embed", "infer", "score")
+}
+# After the split, a stage's chunks are cut from these roles of split.tsv, each role on its own (chunk ids
+# <role>-<index>), so that e.g. training waits only for the train/val chunks.
+STAGE_ROLES = {
+    "preprocess": ("train", "val", "test", "unlabelled"),
+    "embed": ("train", "val", "test", "unlabelled"),
+    "degrade": ("test",),
+    "infer": ("test", "unlabelled"),
+    "score": ("test", "unlabelled"),
+}
+CHUNKS_DIR = f"{OUT}/chunks"
+SPLIT_TSV = f"{OUT}/split.tsv"
+INSPECT_CHUNKS = make_chunks({"all": SUBJECTS}, CHUNK_SIZES["inspect"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,65 +136,138 @@ def _read_roles(split_tsv, mtime):
 
 def roles(wildcards=None):
     """Role -> subjects, from the split checkpoint (valid subjects only); read once per version of the file."""
-    split_tsv = checkpoints.split.get().output.split_tsv
-    return _read_roles(split_tsv, os.path.getmtime(split_tsv))
+    checkpoints.split.get()
+    return _read_roles(SPLIT_TSV, os.path.getmtime(SPLIT_TSV))
 
 
-def usable_subjects(wildcards=None):
+@functools.lru_cache(maxsize=4)
+def _qc_sources(mtime):
+    """Subject -> the sources QC'd for it: gt and the degraded levels for test subjects; every user source with a
+    candidate file for test and unlabelled subjects (a missing file is listed in the log, not invented). Subjects
+    with no source at all are left out."""
+    r = _read_roles(SPLIT_TSV, mtime)
+    out, missing = {}, {}
+    for role in ("test", "unlabelled"):
+        for subject in r[role]:
+            sources = ["gt", *DEGRADED_SOURCES] if role == "test" and HAS_LABELS else []
+            for name, pattern_ in USER_SOURCES.items():
+                if os.path.exists(fill(pattern_, subject=subject)):
+                    sources.append(name)
+                else:
+                    missing.setdefault(name, []).append(subject)
+            if sources:
+                out[subject] = sources
+    for name, subjects in missing.items():
+        logger.warning(f"source {name}: no candidate file for {len(subjects)} subject(s): {subjects[:10]}")
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _stage_chunks(stage, mtime):
+    if stage == "inspect":
+        return INSPECT_CHUNKS
+    r = _read_roles(SPLIT_TSV, mtime)
+    keep = _qc_sources(mtime) if stage in ("infer", "score") else None
+    groups = {role: [s for s in r[role] if keep is None or s in keep] for role in STAGE_ROLES[stage]}
+    return make_chunks(groups, CHUNK_SIZES[stage])
+
+
+@functools.lru_cache(maxsize=16)
+def _stage_index(stage, mtime):
+    return chunk_of(_stage_chunks(stage, mtime))
+
+
+def _split_mtime(stage):
+    return 0.0 if stage == "inspect" else os.path.getmtime(SPLIT_TSV)
+
+
+def stage_chunks(stage):
+    """Chunk id -> subjects of a per-subject stage. For input functions and targets: after the split it goes
+    through the checkpoint, so that Snakemake waits for split.tsv."""
+    if stage != "inspect":
+        checkpoints.split.get()
+    return _stage_chunks(stage, _split_mtime(stage))
+
+
+def members(stage, chunk):
+    """The subjects of a chunk (input functions)."""
+    return stage_chunks(stage)[chunk]
+
+
+def chunk_members(stage, chunk):
+    """The subjects of a chunk, for params and resources: read from split.tsv directly, as params may not use the
+    checkpoint (on a cluster node only the job itself is rebuilt); split.tsv exists whenever such a job runs."""
+    return _stage_chunks(stage, _split_mtime(stage))[chunk]
+
+
+def chunk_tasks(stage, chunk):
+    """Source -> subjects of an infer/score chunk (params)."""
+    sources = _qc_sources(_split_mtime(stage))
+    tasks = {}
+    for subject in chunk_members(stage, chunk):
+        for source in sources[subject]:
+            tasks.setdefault(source, []).append(subject)
+    return tasks
+
+
+def chunk_records(stage, subjects=None):
+    """The chunk records (outputs) of ``stage``: of every chunk, or of the chunks holding any of ``subjects``."""
+    chunks = stage_chunks(stage)
+    if subjects is None:
+        ids = list(chunks)
+    else:
+        where = _stage_index(stage, _split_mtime(stage))
+        ids = sorted({where[s] for s in subjects})
+    return [f"{CHUNKS_DIR}/{stage}/{c}.tsv" for c in ids]
+
+
+def chunk_files(name, stage, chunk):
+    """Pattern ``name`` filled in for every subject of a chunk (input functions)."""
+    return [fill(PATTERNS[name], subject=s) for s in members(stage, chunk)]
+
+
+def chunk_runtime(stage, minutes_per_item, base=10):
+    """Time limit (minutes) of a chunk job: ``base`` + ``minutes_per_item`` per subject (infer/score: per
+    candidate), times the attempt, so that a retry after a time-out gets more time."""
+
+    def runtime(wildcards, attempt):
+        if stage in ("infer", "score"):
+            n = sum(len(s) for s in chunk_tasks(stage, wildcards.chunk).values())
+        else:
+            n = len(chunk_members(stage, wildcards.chunk))
+        return math.ceil((base + minutes_per_item * n) * attempt)
+
+    return runtime
+
+
+def inspect_labels(wildcards):
+    """Label files of an inspect chunk: those that exist (ingestion reports a missing pair instead of failing);
+    the demo's are made by rule demo_cohort."""
+    if not HAS_LABELS:
+        return []
+    files = chunk_files("label", "inspect", wildcards.chunk)
+    return files if config["demo"]["enabled"] else [f for f in files if os.path.exists(f)]
+
+
+def candidate_inputs(stage, chunk):
+    """What the candidates of an infer/score chunk need: label files, degrade chunk records, user masks."""
+    subjects = members(stage, chunk)
+    sources = _qc_sources(_split_mtime(stage))
+    files, degraded = set(), []
+    for subject in subjects:
+        for source in sources[subject]:
+            if source in DEGRADED_SOURCES:
+                degraded.append(subject)
+            else:
+                files.add(fill(CANDIDATES[source], subject=subject))
+    return sorted(files) + (chunk_records("degrade", degraded) if degraded else [])
+
+
+def training_subjects():
     r = roles()
-    return r["train"] + r["val"] + r["test"] + r["unlabelled"]
+    return r["train"] + r["val"]
 
 
 def preprocessed_all(wildcards):
-    return expand(f"{OUT}/preprocessed/{{subject}}.npz", subject=usable_subjects())
-
-
-def degraded_all(wildcards):
-    return expand(f"{OUT}/degraded/{{subject}}/manifest.parquet", subject=roles()["test"])
-
-
-def as_json(obj):
-    """A config section as a JSON string for a command-line option."""
-    return json.dumps(obj, sort_keys=True)
-
-
-def embeddings_of(subjects):
-    """Embedding caches of ``subjects`` (none when the conditioning does not use the image)."""
-    return expand(f"{OUT}/embeddings/{{subject}}.npz", subject=subjects) if USES_IMAGE else []
-
-
-def source_subjects(source):
-    """Subjects QC'd for a source: test subjects for gt/degraded; test + unlabelled subjects that have a
-    candidate file for the user's sources (a missing file is listed in the log, not invented)."""
-    r = roles()
-    if source == "gt" or source in DEGRADED_SOURCES:
-        return r["test"]
-    wanted = r["test"] + r["unlabelled"]
-    present = [s for s in wanted if os.path.exists(USER_SOURCES[source].format(subject=s))]
-    missing = sorted(set(wanted) - set(present))
-    if missing:
-        logger.warning(f"source {source}: no candidate file for {len(missing)} subject(s): {missing[:10]}")
-    return present
-
-
-def all_sources():
-    return (["gt", *DEGRADED_SOURCES] if HAS_LABELS else []) + list(USER_SOURCES)
-
-
-def candidate_path(wildcards):
-    """The candidate mask of (source, subject) on the subject's original grid."""
-    if wildcards.source == "gt":
-        return label_path(wildcards)
-    if wildcards.source in DEGRADED_SOURCES:
-        return f"{OUT}/degraded/{wildcards.subject}/L{wildcards.source[len('degraded_L'):]}.nii.gz"
-    return USER_SOURCES[wildcards.source].format(subject=wildcards.subject)
-
-
-def gt_param(wildcards):
-    """The subject's GT label for real metrics, or "none" (unlabelled subject)."""
-    return label_path(wildcards) if wildcards.subject not in roles()["unlabelled"] and HAS_LABELS else "none"
-
-
-def scores_all(wildcards):
-    return [f"{OUT}/scores/{source}/{subject}.parquet" for source in all_sources() for subject in
-            source_subjects(source)]
+    """Every preprocess chunk (rule all)."""
+    return chunk_records("preprocess")

@@ -1,32 +1,39 @@
-# Degraded masks at five controlled quality levels for every test subject, on the original grid.
+# Degraded masks at five controlled quality levels for every test subject, on the original grid; one job per chunk.
 
 
+# Chunk test-NNNN: degraded/{subject}/L{level}.nii.gz and degraded/{subject}/manifest.parquet for its subjects.
 rule degrade:
     input:
-        image=image_path,
-        label=label_path,
+        images=lambda w: chunk_files("image", "degrade", w.chunk),
+        labels=lambda w: chunk_files("label", "degrade", w.chunk),
         plan=f"{OUT}/plan.json",
     output:
-        masks=expand(f"{OUT}/degraded/{{{{subject}}}}/L{{level}}.nii.gz", level=LEVELS),
-        manifest=f"{OUT}/degraded/{{subject}}/manifest.parquet",
+        f"{CHUNKS_DIR}/degrade/{{chunk}}.tsv",
     params:
+        subjects=lambda w: chunk_members("degrade", w.chunk),
+        image=pattern("image"),
+        label=pattern("label"),
+        masks=pattern("degraded"),
+        manifest=pattern("degraded_manifest"),
         seed=config["degradation"]["seed"],
         levels=",".join(map(str, LEVELS)),
+    resources:
+        runtime=chunk_runtime("degrade", 3),
     conda:
         "../envs/nnqc.yaml"
     log:
-        f"{LOGS}/degrade/{{subject}}.log",
+        f"{LOGS}/degrade/{{chunk}}.log",
     benchmark:
-        f"{BENCH}/degrade/{{subject}}.tsv",
+        f"{BENCH}/degrade/{{chunk}}.tsv",
     shell:
-        "python -m nnqc_pipe degrade --subject {wildcards.subject} --image {input.image:q} --label {input.label:q} "
-        "--plan-json {input.plan} --seed {params.seed} --levels {params.levels} --out-masks {output.masks} "
-        "--manifest {output.manifest} > {log} 2>&1"
+        "python -m nnqc_pipe degrade --subjects {params.subjects:q} --image {params.image:q} --label {params.label:q} "
+        "--plan-json {input.plan} --seed {params.seed} --levels {params.levels} --out-masks {params.masks:q} "
+        "--manifest {params.manifest:q} --record {output} > {log} 2>&1"
 
 
 rule degrade_manifest:
     input:
-        degraded_all,
+        lambda w: chunk_records("degrade"),
     output:
         f"{OUT}/degraded/manifest.parquet",
     conda:
@@ -36,4 +43,4 @@ rule degrade_manifest:
     benchmark:
         f"{BENCH}/degrade_manifest.tsv",
     shell:
-        "python -m nnqc_pipe degrade-manifest --inputs {input} --out {output} > {log} 2>&1"
+        "python -m nnqc_pipe degrade-manifest --chunks {input} --out {output} > {log} 2>&1"

@@ -1,35 +1,40 @@
 # Inference: a pseudo ground truth for every candidate (source x subject), on the subject's original grid.
 
 
+# Chunk test-NNNN / unlabelled-NNNN: pgt/{source}/{subject}.nii.gz (+ .slices.parquet, errors/...) for every source
+# of each of its subjects; the VAE and the LDM are loaded once per chunk.
 rule infer:
     input:
-        npz=f"{OUT}/preprocessed/{{subject}}.npz",
-        embeddings=lambda w: embeddings_of([w.subject]),
-        candidate=candidate_path,
+        preprocessed=lambda w: chunk_records("preprocess", members("infer", w.chunk)),
+        embeddings=lambda w: chunk_records("embed", members("infer", w.chunk)) if USES_IMAGE else [],
+        candidates=lambda w: candidate_inputs("infer", w.chunk),
         vae=f"{MODELS}/vae.pt",
         ldm=f"{MODELS}/ldm.pt",
     output:
-        pgt=f"{OUT}/pgt/{{source}}/{{subject}}.nii.gz",
-        slices=f"{OUT}/pgt/{{source}}/{{subject}}.slices.parquet",
-        errors=f"{OUT}/errors/{{source}}/{{subject}}.nii.gz" if config["inference"]["save_error_maps"] else [],
+        f"{CHUNKS_DIR}/infer/{{chunk}}.tsv",
     params:
-        embeddings=lambda w, input: input.embeddings or "none",
-        errors=lambda w, output: output.errors or "none",
+        tasks=lambda w: as_json(chunk_tasks("infer", w.chunk)),
+        candidates=lambda w: as_json(CANDIDATES),
+        npz=pattern("npz"),
+        embeddings=pattern("embeddings"),
+        pgt=pattern("pgt"),
+        slices=pattern("slices"),
+        errors=pattern("errors"),
         model_dir=lambda w, input: os.path.dirname(input.ldm),
         inference=as_json(config["inference"]),
         device=config["device"],
         seed=config["seed"],
     resources:
         gpu_job=1,
+        runtime=chunk_runtime("infer", 2),
     conda:
         "../envs/nnqc.yaml"
     log:
-        f"{LOGS}/infer/{{source}}/{{subject}}.log",
+        f"{LOGS}/infer/{{chunk}}.log",
     benchmark:
-        f"{BENCH}/infer/{{source}}/{{subject}}.tsv",
+        f"{BENCH}/infer/{{chunk}}.tsv",
     shell:
-        "OMP_NUM_THREADS=1 python -m nnqc_pipe infer --source {wildcards.source} --subject {wildcards.subject} "
-        "--npz {input.npz} --embeddings {params.embeddings:q} --candidate {input.candidate:q} "
-        "--model-dir {params.model_dir} --inference {params.inference:q} --device {params.device} "
-        "--seed {params.seed} --out-pgt {output.pgt} --out-slices {output.slices} --out-errors {params.errors:q} "
-        "> {log} 2>&1"
+        "OMP_NUM_THREADS=1 python -m nnqc_pipe infer --tasks {params.tasks:q} --npz {params.npz:q} "
+        "--embeddings {params.embeddings:q} --candidates {params.candidates:q} --model-dir {params.model_dir} "
+        "--inference {params.inference:q} --device {params.device} --seed {params.seed} --out-pgt {params.pgt:q} "
+        "--out-slices {params.slices:q} --out-errors {params.errors:q} --record {output} > {log} 2>&1"

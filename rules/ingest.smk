@@ -1,4 +1,4 @@
-# Ingestion: the demo cohort, per-subject validation, and the deterministic split.
+# Ingestion: the demo cohort, validation of every subject (one job per chunk of subjects), the deterministic split.
 
 
 if config["demo"]["enabled"]:
@@ -21,32 +21,38 @@ if config["demo"]["enabled"]:
             "python -m nnqc_pipe demo-cohort --out-dir {params.out_dir} --n-subjects {params.n} --seed {params.seed} > {log} 2>&1"
 
 
+# Chunk all-NNNN: inspect/{subject}.json for each of its subjects (the chunk record lists them).
 rule inspect:
     input:
-        image=image_path,
-        label=lambda w: label_path(w) if config["demo"]["enabled"] else existing_label_path(w),
+        images=lambda w: chunk_files("image", "inspect", w.chunk),
+        labels=inspect_labels,
     output:
-        f"{OUT}/inspect/{{subject}}.json",
+        f"{CHUNKS_DIR}/inspect/{{chunk}}.tsv",
     params:
-        label=label_param,
+        subjects=lambda w: chunk_members("inspect", w.chunk),
+        image=pattern("image"),
+        label=pattern("label"),
+        out=pattern("inspect"),
         values=LABEL_VALUES,
+    resources:
+        runtime=chunk_runtime("inspect", 0.5),
     conda:
         "../envs/nnqc.yaml"
     log:
-        f"{LOGS}/inspect/{{subject}}.log",
+        f"{LOGS}/inspect/{{chunk}}.log",
     benchmark:
-        f"{BENCH}/inspect/{{subject}}.tsv",
+        f"{BENCH}/inspect/{{chunk}}.tsv",
     shell:
-        "python -m nnqc_pipe inspect --subject {wildcards.subject} --image {input.image:q} --label {params.label:q} "
-        "--label-values {params.values} --out {output} > {log} 2>&1"
+        "python -m nnqc_pipe inspect --subjects {params.subjects:q} --image {params.image:q} --label {params.label:q} "
+        "--label-values {params.values} --out {params.out:q} --record {output} > {log} 2>&1"
 
 
 checkpoint split:
     input:
-        expand(f"{OUT}/inspect/{{subject}}.json", subject=SUBJECTS),
+        expand(f"{CHUNKS_DIR}/inspect/{{chunk}}.tsv", chunk=INSPECT_CHUNKS),
     output:
         subjects_tsv=f"{OUT}/subjects.tsv",
-        split_tsv=f"{OUT}/split.tsv",
+        split_tsv=SPLIT_TSV,
     params:
         split=config["split"],
         on_bad=config["on_bad_subject"],
@@ -57,7 +63,7 @@ checkpoint split:
     benchmark:
         f"{BENCH}/split.tsv",
     shell:
-        "python -m nnqc_pipe split --inspect-records {input} --subjects-tsv {output.subjects_tsv} "
+        "python -m nnqc_pipe split --inspect-chunks {input} --subjects-tsv {output.subjects_tsv} "
         "--split-tsv {output.split_tsv} --test-fraction {params.split[test_fraction]} "
         "--val-fraction {params.split[val_fraction]} --seed {params.split[seed]} "
         "--on-bad-subject {params.on_bad} > {log} 2>&1"

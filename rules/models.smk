@@ -1,33 +1,39 @@
-# The models: E2 embeddings cached per subject, the VAE-GAN (stage 1) and the conditioned LDM (stage 2).
+# The models: E2 embeddings cached per subject (one job per chunk), the VAE-GAN (stage 1) and the conditioned LDM
+# (stage 2).
 
 
+# Chunk <role>-NNNN: embeddings/{subject}.npz for each of its subjects; the expert is loaded once per chunk.
 rule embed:
     input:
-        npz=f"{OUT}/preprocessed/{{subject}}.npz",
+        preprocessed=lambda w: chunk_records("preprocess", members("embed", w.chunk)),
         plan=f"{OUT}/plan.json",
     output:
-        f"{OUT}/embeddings/{{subject}}.npz",
+        f"{CHUNKS_DIR}/embed/{{chunk}}.tsv",
     params:
+        subjects=lambda w: chunk_members("embed", w.chunk),
+        npz=pattern("npz"),
+        out=pattern("embeddings"),
         settings=as_json(SETTINGS),
         device=config["device"],
     resources:
         gpu_job=1,
+        runtime=chunk_runtime("embed", 0.5),
     conda:
         "../envs/nnqc.yaml"
     log:
-        f"{LOGS}/embed/{{subject}}.log",
+        f"{LOGS}/embed/{{chunk}}.log",
     benchmark:
-        f"{BENCH}/embed/{{subject}}.tsv",
+        f"{BENCH}/embed/{{chunk}}.tsv",
     shell:
-        "python -m nnqc_pipe embed --npz {input.npz} --plan-json {input.plan} --settings {params.settings:q} "
-        "--device {params.device} --out {output} > {log} 2>&1"
+        "python -m nnqc_pipe embed --subjects {params.subjects:q} --npz {params.npz:q} --plan-json {input.plan} "
+        "--settings {params.settings:q} --device {params.device} --out {params.out:q} --record {output} > {log} 2>&1"
 
 
 rule train_vae:
     input:
-        split_tsv=f"{OUT}/split.tsv",
+        split_tsv=SPLIT_TSV,
         plan=f"{OUT}/plan.json",
-        npz=lambda w: expand(f"{OUT}/preprocessed/{{subject}}.npz", subject=roles()["train"] + roles()["val"]),
+        preprocessed=lambda w: chunk_records("preprocess", training_subjects()),
     output:
         vae=f"{MODELS}/vae.pt",
         curves=f"{MODELS}/vae_curves.csv",
@@ -54,11 +60,11 @@ rule train_vae:
 
 rule train_ldm:
     input:
-        split_tsv=f"{OUT}/split.tsv",
+        split_tsv=SPLIT_TSV,
         plan=f"{OUT}/plan.json",
         vae=f"{MODELS}/vae.pt",
-        npz=lambda w: expand(f"{OUT}/preprocessed/{{subject}}.npz", subject=roles()["train"] + roles()["val"]),
-        embeddings=lambda w: embeddings_of(roles()["train"] + roles()["val"]),
+        preprocessed=lambda w: chunk_records("preprocess", training_subjects()),
+        embeddings=lambda w: chunk_records("embed", training_subjects()) if USES_IMAGE else [],
     output:
         ldm=f"{MODELS}/ldm.pt",
         curves=f"{MODELS}/ldm_curves.csv",

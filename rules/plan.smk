@@ -3,8 +3,8 @@
 
 rule fingerprint:
     input:
-        split_tsv=f"{OUT}/split.tsv",
-        records=lambda w: expand(f"{OUT}/inspect/{{subject}}.json", subject=roles()["train"] + roles()["val"]),
+        split_tsv=SPLIT_TSV,
+        records=expand(f"{CHUNKS_DIR}/inspect/{{chunk}}.tsv", chunk=INSPECT_CHUNKS),
     output:
         f"{OUT}/fingerprint.json",
     params:

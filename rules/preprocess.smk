@@ -1,21 +1,27 @@
-# Invertible preprocessing of every usable subject into in-plane patch stacks.
+# Invertible preprocessing of every usable subject into in-plane patch stacks, one job per chunk of subjects.
 
 
+# Chunk <role>-NNNN: preprocessed/{subject}.npz for each of its subjects (the chunk record lists them).
 rule preprocess:
     input:
-        image=image_path,
-        label=label_path,
+        images=lambda w: chunk_files("image", "preprocess", w.chunk),
+        labels=lambda w: chunk_files("label", "preprocess", w.chunk) if HAS_LABELS else [],
         plan=f"{OUT}/plan.json",
     output:
-        f"{OUT}/preprocessed/{{subject}}.npz",
+        f"{CHUNKS_DIR}/preprocess/{{chunk}}.tsv",
     params:
-        label=label_param,
+        subjects=lambda w: chunk_members("preprocess", w.chunk),
+        image=pattern("image"),
+        label=pattern("label"),
+        out=pattern("npz"),
+    resources:
+        runtime=chunk_runtime("preprocess", 1),
     conda:
         "../envs/nnqc.yaml"
     log:
-        f"{LOGS}/preprocess/{{subject}}.log",
+        f"{LOGS}/preprocess/{{chunk}}.log",
     benchmark:
-        f"{BENCH}/preprocess/{{subject}}.tsv",
+        f"{BENCH}/preprocess/{{chunk}}.tsv",
     shell:
-        "python -m nnqc_pipe preprocess --subject {wildcards.subject} --image {input.image:q} --label {params.label:q} "
-        "--plan-json {input.plan} --out {output} > {log} 2>&1"
+        "python -m nnqc_pipe preprocess --subjects {params.subjects:q} --image {params.image:q} "
+        "--label {params.label:q} --plan-json {input.plan} --out {params.out:q} --record {output} > {log} 2>&1"

@@ -3,7 +3,7 @@
 
 rule report:
     input:
-        scores=scores_all,
+        scores=lambda w: chunk_records("score"),
         card=f"{MODELS}/model_card.json",
         vae=f"{MODELS}/vae.pt",
         ldm=f"{MODELS}/ldm.pt",
@@ -48,7 +48,7 @@ rule report:
     benchmark:
         f"{BENCH}/report.tsv",
     shell:
-        "python -m nnqc_pipe report --scores {input.scores} --out-dir {params.out_dir} --cohort {params.cohort} "
+        "python -m nnqc_pipe report --score-chunks {input.scores} --out-dir {params.out_dir} --cohort {params.cohort} "
         "--qc-pass-dsc {params.qc_pass} --config-digest {params.digest} --model-dir {params.model_dir} "
         "--figures-dir {params.figures_dir} --results-dir {params.results_dir} --n-overlays {params.n_overlays} "
         "> {log} 2>&1"

@@ -1,27 +1,36 @@
 # Scores: candidate vs pGT (predicted quality) and vs GT (real quality), per volume and slice, in mm.
 
 
+# Chunk test-NNNN / unlabelled-NNNN: scores/{source}/{subject}.parquet for every source of each of its subjects.
 rule score:
     input:
-        npz=f"{OUT}/preprocessed/{{subject}}.npz",
+        preprocessed=lambda w: chunk_records("preprocess", members("score", w.chunk)),
         plan=f"{OUT}/plan.json",
-        candidate=candidate_path,
-        pgt=f"{OUT}/pgt/{{source}}/{{subject}}.nii.gz",
-        slices=f"{OUT}/pgt/{{source}}/{{subject}}.slices.parquet",
-        gt=lambda w: [] if gt_param(w) == "none" else gt_param(w),
+        candidates=lambda w: candidate_inputs("score", w.chunk),
+        pgt=lambda w: chunk_records("infer", members("score", w.chunk)),
+        gt=lambda w: chunk_files("label", "score", w.chunk) if HAS_LABELS and chunk_group(w.chunk) == "test" else [],
     output:
-        f"{OUT}/scores/{{source}}/{{subject}}.parquet",
+        f"{CHUNKS_DIR}/score/{{chunk}}.tsv",
     params:
         cohort=COHORT,
-        gt=lambda w, input: input.gt or "none",
+        tasks=lambda w: as_json(chunk_tasks("score", w.chunk)),
+        candidates=lambda w: as_json(CANDIDATES),
+        npz=pattern("npz"),
+        pgt=pattern("pgt"),
+        slices=pattern("slices"),
+        gt=lambda w, input: PATTERNS["label"] if input.gt else "none",
+        out=pattern("scores"),
         tolerance=config["metrics"]["surface_dice_tolerance_mm"],
+    resources:
+        runtime=chunk_runtime("score", 1),
     conda:
         "../envs/nnqc.yaml"
     log:
-        f"{LOGS}/score/{{source}}/{{subject}}.log",
+        f"{LOGS}/score/{{chunk}}.log",
     benchmark:
-        f"{BENCH}/score/{{source}}/{{subject}}.tsv",
+        f"{BENCH}/score/{{chunk}}.tsv",
     shell:
-        "python -m nnqc_pipe score --cohort {params.cohort} --source {wildcards.source} "
-        "--subject {wildcards.subject} --npz {input.npz} --candidate {input.candidate:q} --pgt {input.pgt} "
-        "--gt {params.gt:q} --slices {input.slices} --tolerance-mm {params.tolerance} --out {output} > {log} 2>&1"
+        "python -m nnqc_pipe score --cohort {params.cohort} --tasks {params.tasks:q} --npz {params.npz:q} "
+        "--plan-json {input.plan} --candidates {params.candidates:q} --pgt {params.pgt:q} --gt {params.gt:q} "
+        "--slices {params.slices:q} --tolerance-mm {params.tolerance} --out {params.out:q} --record {output} "
+        "> {log} 2>&1"

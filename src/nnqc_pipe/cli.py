@@ -1,6 +1,9 @@
 """The ``nnqc-pipe`` command line: one sub-command per workflow stage (called by the rules), plus ``check``.
 
-Options that carry config sections take JSON strings, so a rule passes ``params`` straight through.
+Options that carry config sections take JSON strings, so a rule passes ``params`` straight through. The
+per-subject stages take a chunk of subjects (``--subjects`` or ``--tasks``), path patterns with ``{subject}``
+(``{source}``, ``{level}``) placeholders, and ``--record``: the chunk record they write last (see
+:mod:`nnqc_pipe.chunks`).
 """
 
 from __future__ import annotations
@@ -42,14 +45,15 @@ COMMANDS: dict[str, Command] = {
         ("--seed", {"type": int, "required": True}),
     ]),
     "inspect": ("stages:inspect", [
-        ("--subject", {"required": True}),
+        ("--subjects", {"nargs": "+", "required": True}),
         ("--image", {"required": True}),
         ("--label", {"type": _optional, "default": None}),
         ("--label-values", {"type": _int_list, "required": True}),
         ("--out", {"required": True}),
+        ("--record", {"required": True}),
     ]),
     "split": ("stages:split", [
-        ("--inspect-records", {"nargs": "+", "required": True}),
+        ("--inspect-chunks", {"nargs": "+", "required": True}),
         ("--subjects-tsv", {"required": True}),
         ("--split-tsv", {"required": True}),
         ("--test-fraction", {"type": float, "required": True}),
@@ -70,32 +74,36 @@ COMMANDS: dict[str, Command] = {
         ("--out", {"required": True}),
     ]),
     "preprocess": ("stages:preprocess", [
-        ("--subject", {"required": True}),
+        ("--subjects", {"nargs": "+", "required": True}),
         ("--image", {"required": True}),
         ("--label", {"type": _optional, "default": None}),
         ("--plan-json", {"required": True}),
         ("--out", {"required": True}),
+        ("--record", {"required": True}),
     ]),
     "degrade": ("stages:degrade", [
-        ("--subject", {"required": True}),
+        ("--subjects", {"nargs": "+", "required": True}),
         ("--image", {"required": True}),
         ("--label", {"required": True}),
         ("--plan-json", {"required": True}),
         ("--seed", {"type": int, "required": True}),
         ("--levels", {"type": _int_list, "required": True}),
-        ("--out-masks", {"nargs": "+", "required": True}),
+        ("--out-masks", {"required": True}),
         ("--manifest", {"required": True}),
+        ("--record", {"required": True}),
     ]),
     "degrade-manifest": ("stages:degrade_manifest", [
-        ("--inputs", {"nargs": "+", "required": True}),
+        ("--chunks", {"nargs": "+", "required": True}),
         ("--out", {"required": True}),
     ]),
     "embed": ("model_stages:embed", [
+        ("--subjects", {"nargs": "+", "required": True}),
         ("--npz", {"required": True}),
         ("--plan-json", {"required": True}),
         ("--settings", {"type": _json, "required": True}),
         ("--device", {"default": "auto"}),
         ("--out", {"required": True}),
+        ("--record", {"required": True}),
     ]),
     "train-vae": ("model_stages:train_vae", [
         ("--split-tsv", {"required": True}),
@@ -118,11 +126,10 @@ COMMANDS: dict[str, Command] = {
         ("--seed", {"type": int, "default": 0}),
     ]),
     "infer": ("model_stages:infer", [
-        ("--source", {"required": True}),
-        ("--subject", {"required": True}),
+        ("--tasks", {"type": _json, "required": True}),
         ("--npz", {"required": True}),
         ("--embeddings", {"type": _optional, "default": None}),
-        ("--candidate", {"required": True}),
+        ("--candidates", {"type": _json, "required": True}),
         ("--model-dir", {"required": True}),
         ("--inference", {"type": _json, "required": True}),
         ("--device", {"default": "auto"}),
@@ -130,21 +137,23 @@ COMMANDS: dict[str, Command] = {
         ("--out-pgt", {"required": True}),
         ("--out-slices", {"required": True}),
         ("--out-errors", {"type": _optional, "default": None}),
+        ("--record", {"required": True}),
     ]),
     "score": ("stages:score", [
         ("--cohort", {"required": True}),
-        ("--source", {"required": True}),
-        ("--subject", {"required": True}),
+        ("--tasks", {"type": _json, "required": True}),
         ("--npz", {"required": True}),
-        ("--candidate", {"required": True}),
+        ("--plan-json", {"required": True}),
+        ("--candidates", {"type": _json, "required": True}),
         ("--pgt", {"required": True}),
         ("--gt", {"type": _optional, "default": None}),
         ("--slices", {"required": True}),
         ("--tolerance-mm", {"type": float, "required": True}),
         ("--out", {"required": True}),
+        ("--record", {"required": True}),
     ]),
     "report": ("stages:report", [
-        ("--scores", {"nargs": "+", "required": True}),
+        ("--score-chunks", {"nargs": "+", "required": True}),
         ("--out-dir", {"required": True}),
         ("--cohort", {"required": True}),
         ("--qc-pass-dsc", {"type": float, "required": True}),

@@ -20,7 +20,7 @@ import numpy as np
 
 from nnqc_pipe.device import resolve_device
 from nnqc_pipe.io import write_npz
-from nnqc_pipe.models.experts import load_vision_expert
+from nnqc_pipe.models.experts import VisionExpert, load_vision_expert
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,21 @@ def embed_subject(
     """Embed all slices of a preprocessed subject with E2 and write the cache file ``out_path``.
 
     ``expert_cfg`` is the resolved preset's ``encoder`` section. The tiny fallback encoder (when allowed) is
-    saved next to ``out_path`` unless ``encoder.tiny_checkpoint`` names a location.
+    saved next to ``out_path`` unless ``encoder.tiny_checkpoint`` names a location. To embed many subjects, load
+    the encoder once (:func:`load_vision_expert`) and call :func:`embed_with` per subject.
     """
+    expert = load_vision_expert(expert_cfg, resolve_device(device), fallback_dir=Path(out_path).parent)
+    embed_with(expert, npz_path, out_path, int(expert_cfg.get("batch_size", 32)))
+
+
+def embed_with(
+    expert: VisionExpert, npz_path: str | os.PathLike, out_path: str | os.PathLike, batch_size: int
+) -> int:
+    """Embed all slices of a preprocessed subject with an already loaded E2 ``expert``; write the cache file
+    ``out_path`` and return the number of slices."""
     with np.load(npz_path) as data:
         image = np.asarray(data["image"], dtype=np.float32)
-    expert = load_vision_expert(expert_cfg, resolve_device(device), fallback_dir=Path(out_path).parent)
-    pooled, tokens = expert.embed(image, batch_size=int(expert_cfg.get("batch_size", 32)))
+    pooled, tokens = expert.embed(image, batch_size=batch_size)
     write_npz(
         out_path,
         pooled=pooled.astype(np.float16),
@@ -50,6 +59,7 @@ def embed_subject(
         expert.info["architecture"],
         out_path,
     )
+    return int(image.shape[0])
 
 
 def load_embeddings(path: str | os.PathLike, dtype: type = np.float32) -> dict[str, Any]:

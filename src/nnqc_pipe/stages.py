@@ -3,6 +3,10 @@
 The stages that need torch live in :mod:`nnqc_pipe.model_stages`, so these start fast.
 
 Rules in ``rules/*.smk`` call these through the ``nnqc-pipe`` command line; they hold no logic of their own.
+The per-subject stages (inspect, preprocess, degrade, score) process a *chunk* of subjects per call
+(:mod:`nnqc_pipe.chunks`): paths are given as patterns with ``{subject}`` (and ``{source}``, ``{level}``)
+placeholders, the per-subject files of the contract are written one subject at a time, and a chunk record lists
+them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pandas as pd
 
 from . import __version__
 from . import demo as demo_mod
+from .chunks import fill, record_row, recorded_files, run_chunk, task_list, write_chunk_record
 from .degrade import degrade_subject
 from .fingerprint import compute_fingerprint
 from .inspect_subject import inspect_subject
@@ -56,16 +61,29 @@ def demo_cohort(out_dir: PathLike, n_subjects: int, seed: int) -> None:
     log.info("wrote %d demo subjects to %s", len(names), out_dir)
 
 
-def inspect(subject: str, image: PathLike, label: PathLike | None, label_values: list[int], out: PathLike) -> None:
-    """Validate one subject and write its ingestion record."""
-    record = inspect_subject(subject, image, label, label_values)
-    write_json(record, out)
+def inspect(subjects: list[str], image: str, label: str | None, label_values: list[int], out: str,
+            record: PathLike) -> None:
+    """Validate a chunk of subjects and write each one's ingestion record (``out`` pattern with ``{subject}``).
+
+    An invalid subject is not an error: its record says ``status: excluded`` and why (see
+    :func:`nnqc_pipe.inspect_subject.inspect_subject`); the split stage lists it in ``subjects.tsv``.
+    """
+
+    def work(subject: str) -> list[dict[str, Any]]:
+        path = fill(out, subject=subject)
+        write_json(inspect_subject(subject, fill(image, subject=subject),
+                                   fill(label, subject=subject) if label else None, label_values), path)
+        return [record_row(subject, "inspect", path)]
+
+    rows = run_chunk(subjects, work, lambda s: f"subject {s!r} (image {fill(image, subject=s)})", "inspect")
+    write_chunk_record(rows, record)
 
 
-def split(inspect_records: list[PathLike], subjects_tsv: PathLike, split_tsv: PathLike, test_fraction: float,
+def split(inspect_chunks: list[PathLike], subjects_tsv: PathLike, split_tsv: PathLike, test_fraction: float,
           val_fraction: float, seed: int, on_bad_subject: str) -> None:
     """Write ``subjects.tsv`` (all subjects, status, reason) and ``split.tsv`` (usable subjects, role)."""
-    write_split(inspect_records, subjects_tsv, split_tsv, test_fraction, val_fraction, seed, on_bad_subject)
+    write_split(recorded_files(inspect_chunks, "inspect"), subjects_tsv, split_tsv, test_fraction, val_fraction,
+                seed, on_bad_subject)
 
 
 def fingerprint(split_tsv: PathLike, inspect_dir: PathLike, modality: str, label_names: dict[int, str],
@@ -82,17 +100,26 @@ def plan(fingerprint_json: PathLike, overrides: dict[str, Any], out: PathLike) -
     write_json(make_plan(read_json(fingerprint_json), overrides), out)
 
 
-def preprocess(subject: str, image: PathLike, label: PathLike | None, plan_json: PathLike, out: PathLike) -> None:
-    """Preprocess one subject into the ``.npz`` of the contract."""
-    pre = preprocess_subject(subject, image, label, read_json(plan_json))
-    save_preprocessed(pre, out)
-    log.info("%s: %d slices of %s", subject, pre.image.shape[0], list(pre.image.shape[1:]))
-
-
-def degrade(subject: str, image: PathLike, label: PathLike, plan_json: PathLike, seed: int, levels: list[int],
-            out_masks: list[PathLike], manifest: PathLike) -> None:
-    """Write the degraded masks of one test subject (original grid) and its manifest rows."""
+def preprocess(subjects: list[str], image: str, label: str | None, plan_json: PathLike, out: str,
+               record: PathLike) -> None:
+    """Preprocess a chunk of subjects into the ``.npz`` files of the contract (``out`` pattern)."""
     plan_ = read_json(plan_json)
+
+    def work(subject: str) -> list[dict[str, Any]]:
+        path = fill(out, subject=subject)
+        pre = preprocess_subject(subject, fill(image, subject=subject),
+                                 fill(label, subject=subject) if label else None, plan_)
+        save_preprocessed(pre, path)
+        log.info("%s: %d slices of %s", subject, pre.image.shape[0], list(pre.image.shape[1:]))
+        return [record_row(subject, "npz", path)]
+
+    rows = run_chunk(subjects, work, lambda s: f"subject {s!r} (image {fill(image, subject=s)})", "preprocess")
+    write_chunk_record(rows, record)
+
+
+def degrade_one(subject: str, image: PathLike, label: PathLike, plan_: dict[str, Any], seed: int,
+                levels: list[int], out_masks: list[PathLike], manifest: PathLike) -> None:
+    """Write the degraded masks of one test subject (original grid) and its manifest rows."""
     img = load_volume(image, subject, "image")
     values = load_mask_on_grid(label, img, subject, plan_["label_values"], "label")
     indices = values_to_indices(values, plan_["label_values"])
@@ -113,9 +140,28 @@ def degrade(subject: str, image: PathLike, label: PathLike, plan_json: PathLike,
     write_parquet(pd.DataFrame(rows), manifest)
 
 
-def degrade_manifest(inputs: list[PathLike], out: PathLike) -> None:
-    """Concatenate the per-subject degradation manifests and log the in-bin rate."""
-    df = concat_parquet(inputs)
+def degrade(subjects: list[str], image: str, label: str, plan_json: PathLike, seed: int, levels: list[int],
+            out_masks: str, manifest: str, record: PathLike) -> None:
+    """Degraded masks of a chunk of test subjects: ``out_masks`` pattern with ``{subject}`` and ``{level}``,
+    per-subject ``manifest`` pattern."""
+    plan_ = read_json(plan_json)
+
+    def work(subject: str) -> list[dict[str, Any]]:
+        masks = [fill(out_masks, subject=subject, level=level) for level in levels]
+        path = fill(manifest, subject=subject)
+        degrade_one(subject, fill(image, subject=subject), fill(label, subject=subject), plan_, seed, levels,
+                    masks, path)
+        return ([record_row(subject, "mask", m, f"degraded_L{lv}") for lv, m in zip(levels, masks, strict=True)]
+                + [record_row(subject, "manifest", path)])
+
+    rows = run_chunk(subjects, work, lambda s: f"subject {s!r} (label {fill(label, subject=s)})", "degrade")
+    write_chunk_record(rows, record)
+
+
+def degrade_manifest(chunks: list[PathLike], out: PathLike) -> None:
+    """Concatenate the per-subject degradation manifests (listed in the degrade chunk records); log the in-bin
+    rate."""
+    df = concat_parquet(recorded_files(chunks, "manifest"))
     if len(df):
         log.info("degraded masks in their DSC bin: %.1f%% of %d", 100 * df.in_bin.mean(), len(df))
     write_parquet(df, out)
@@ -126,21 +172,44 @@ def degrade_manifest(inputs: list[PathLike], out: PathLike) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def score(cohort: str, source: str, subject: str, npz: PathLike, candidate: PathLike, pgt: PathLike,
-          gt: PathLike | None, slices: PathLike, tolerance_mm: float, out: PathLike) -> None:
+def score_one(cohort: str, source: str, subject: str, npz: PathLike, label_names: list[str], candidate: PathLike,
+              pgt: PathLike, gt: PathLike | None, slices: PathLike, tolerance_mm: float, out: PathLike) -> None:
     """Predicted (vs pGT) and real (vs GT) metrics of one candidate, per volume and slice."""
     with np.load(npz) as data:
         record = json.loads(str(data["record"]))
-    names = dict(zip(record["label_values"], read_json(Path(npz).parents[1] / "plan.json")["label_names"],
-                     strict=True))
+    names = dict(zip(record["label_values"], label_names, strict=True))
     table = score_subject(cohort, source, subject, candidate, pgt, gt, pd.read_parquet(slices), record, names,
                           tolerance_mm)
     write_parquet(table, out)
 
 
-def report(scores: list[PathLike], out_dir: PathLike, cohort: str, qc_pass_dsc: float, config_digest: str,
+def score(cohort: str, tasks: dict[str, list[str]], npz: str, plan_json: PathLike, candidates: dict[str, str],
+          pgt: str, gt: str | None, slices: str, tolerance_mm: float, out: str, record: PathLike) -> None:
+    """Scores of a chunk's candidates. ``tasks``: source -> subjects; ``candidates``: source -> path pattern;
+    ``pgt``/``slices``/``out``: patterns with ``{source}`` and ``{subject}``; ``gt`` (pattern or None): labels
+    for real metrics."""
+    label_names = read_json(plan_json)["label_names"]
+
+    def work(task: tuple[str, str]) -> list[dict[str, Any]]:
+        subject, source = task
+        path = fill(out, source=source, subject=subject)
+        score_one(cohort, source, subject, fill(npz, subject=subject), label_names,
+                  fill(candidates[source], subject=subject), fill(pgt, source=source, subject=subject),
+                  fill(gt, subject=subject) if gt else None, fill(slices, source=source, subject=subject),
+                  tolerance_mm, path)
+        return [record_row(subject, "scores", path, source)]
+
+    def describe(task: tuple[str, str]) -> str:
+        subject, source = task
+        return f"subject {subject!r} source {source} (candidate {fill(candidates[source], subject=subject)})"
+
+    write_chunk_record(run_chunk(task_list(tasks), work, describe, "score"), record)
+
+
+def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, qc_pass_dsc: float, config_digest: str,
            model_dir: PathLike, figures_dir: PathLike, results_dir: PathLike, n_overlays: int) -> None:
-    """The four report tables (with provenance metadata) and the figures of the HTML report."""
+    """The four report tables (with provenance metadata) and the figures of the HTML report, from the score files
+    listed in the score chunk records."""
     models = Path(model_dir)
     metadata = {
         "pipeline_version": __version__,
@@ -148,7 +217,7 @@ def report(scores: list[PathLike], out_dir: PathLike, cohort: str, qc_pass_dsc: 
         "checkpoints": {name: file_sha256(models / name) for name in ("vae.pt", "ldm.pt")},
         "model_card": read_json(models / "model_card.json"),
     }
-    tables = write_report(scores, out_dir, cohort, qc_pass_dsc, metadata)
+    tables = write_report(recorded_files(score_chunks, "scores"), out_dir, cohort, qc_pass_dsc, metadata)
     figures = Path(figures_dir)
     for metric in ("dsc", "hd95_mm"):
         plot_predicted_vs_real(tables["subjects"], metric, figures / f"predicted_vs_real_{metric}.png")
