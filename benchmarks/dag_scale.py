@@ -3,17 +3,18 @@
 Generates, in a temporary folder, a cohort of N subjects whose image and label files are empty placeholders (the
 DAG only needs them to exist) and a cohort config for it, then times `snakemake -n` in three situations:
 
-1. ``fresh``: nothing computed yet. The dry run stops at the `split` checkpoint: per-subject `inspect` jobs + split.
-2. ``after-split``: the checkpoint's outputs exist (fake inspect records, subjects.tsv, split.tsv with the usual
-   train/val/test shares), so the whole per-subject DAG is built: preprocess, embed, degrade, infer and score for
-   every (source, subject), training, report.
-3. ``after-split --profile profiles/slurm``: the same with the cluster profile, which adds the job groups
-   (group/group-components) that batch per-subject jobs.
+1. ``fresh``: nothing computed yet. The dry run stops at the `split` checkpoint: the `inspect` chunk jobs + split.
+2. ``after-split``: the checkpoint's outputs exist (fake inspect chunk records and per-subject records,
+   subjects.tsv, split.tsv with the usual train/val/test shares), so the whole DAG is built: the preprocess, embed,
+   degrade, infer and score chunk jobs (config ``chunks``: 50 subjects per job by default, ``--chunk-size``),
+   training, report.
+3. ``after-split --profile profiles/slurm``: the same with the cluster profile (its resources per rule; the chunk
+   rules' time limits are computed per chunk).
 
 Each dry run is run in a fresh process, as a user would. Two figures: "DAG built", the wall time until snakemake
-prints its first job-stats table (Python start, workflow parsing, DAG building incl. the checkpoint update and the
-job groups), and "snakemake -n", the whole dry run (plus the listing of every job, which formats each job's shell
-command and resources). The target applies to the first. With ``--profile`` the script also runs cProfile on the
+prints its first job-stats table (Python start, workflow parsing, DAG building incl. the checkpoint update), and
+"snakemake -n", the whole dry run (plus the listing of every job, which formats each job's shell command and
+resources). The target applies to the first. With ``--profile`` the script also runs cProfile on the
 after-split dry run and prints the top functions (cumulative time), to show where the time goes.
 
 Usage:
@@ -39,7 +40,7 @@ WORKFLOW = REPO  # --workflow: measure another checkout (e.g. a copy with a prop
 TARGET_S = 60.0
 
 
-def make_cohort(root: Path, n: int) -> Path:
+def make_cohort(root: Path, n: int, chunk_size: int | None = None) -> Path:
     """Empty image/label placeholders and a cohort config; returns the config path."""
     images, labels = root / "data" / "imagesTr", root / "data" / "labelsTr"
     images.mkdir(parents=True)
@@ -57,18 +58,25 @@ def make_cohort(root: Path, n: int) -> Path:
         "label_names": {"1": "foreground"},
         "split": {"test_fraction": 0.2, "seed": 42},
     }
+    if chunk_size is not None:
+        cfg["chunks"] = {"subjects_per_job": chunk_size}
     path = root / "cohort.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def fake_checkpoint(root: Path, n: int) -> None:
-    """What `inspect` and the `split` checkpoint would have written: records, subjects.tsv and split.tsv."""
+def fake_checkpoint(root: Path, n: int, chunk_size: int) -> None:
+    """What `inspect` and the `split` checkpoint would have written: records, chunk records, subjects.tsv and
+    split.tsv."""
     out = root / "results" / "scale"
     (out / "inspect").mkdir(parents=True, exist_ok=True)
+    (out / "chunks" / "inspect").mkdir(parents=True, exist_ok=True)
     subjects = [f"sub{i:05d}" for i in range(n)]
     for s in subjects:
         (out / "inspect" / f"{s}.json").write_text("{}")
+    for index, start in enumerate(range(0, n, chunk_size)):
+        rows = "".join(f"{s}\t\tinspect\t{out}/inspect/{s}.json\n" for s in subjects[start : start + chunk_size])
+        (out / "chunks" / "inspect" / f"all-{index:04d}.tsv").write_text("subject\tsource\tkind\tpath\n" + rows)
     time.sleep(0.05)  # the checkpoint outputs must be newer than its inputs
     n_test = round(0.2 * n)
     n_val = round(0.1 * (n - n_test))
@@ -135,6 +143,7 @@ def total_jobs(stats: str) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-subjects", type=int, default=10_000)
+    ap.add_argument("--chunk-size", type=int, default=50, help="config chunks.subjects_per_job (default: 50)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary cohort folder")
     ap.add_argument("--profile", action="store_true", help="also cProfile the after-split dry run")
     ap.add_argument("--no-slurm", action="store_true", help="skip the dry run with --profile profiles/slurm")
@@ -147,14 +156,14 @@ def main() -> int:
     results = []
     try:
         t0 = time.perf_counter()
-        config = make_cohort(root, args.n_subjects)
+        config = make_cohort(root, args.n_subjects, args.chunk_size)
         print(f"cohort of {args.n_subjects} placeholder subjects in {root} ({time.perf_counter() - t0:.1f} s)")
 
         t_dag, dt, stats = dry_run(root, config, [], root / "dry-fresh.log")
         results.append(("fresh (stops at the split checkpoint)", t_dag, dt, total_jobs(stats)))
         print(f"\n[fresh] DAG {t_dag:.1f} s, dry run {dt:.1f} s\n{stats}")
 
-        fake_checkpoint(root, args.n_subjects)
+        fake_checkpoint(root, args.n_subjects, args.chunk_size)
         t_dag, dt, stats = dry_run(root, config, [], root / "dry-after-split.log")
         results.append(("after split (whole per-subject DAG)", t_dag, dt, total_jobs(stats)))
         print(f"\n[after-split] DAG {t_dag:.1f} s, dry run {dt:.1f} s\n{stats}")
@@ -162,7 +171,7 @@ def main() -> int:
         if not args.no_slurm:
             slurm = ["--profile", str(WORKFLOW / "profiles" / "slurm")]
             t_dag, dt, stats = dry_run(root, config, slurm, root / "dry-after-split-slurm.log")
-            results.append(("after split, --profile profiles/slurm (groups)", t_dag, dt, total_jobs(stats)))
+            results.append(("after split, --profile profiles/slurm", t_dag, dt, total_jobs(stats)))
             print(f"\n[after-split, slurm profile] DAG {t_dag:.1f} s, dry run {dt:.1f} s")
 
         if args.profile:
@@ -177,7 +186,8 @@ def main() -> int:
 
         load = os.getloadavg()[0]
         print(
-            f"\n{args.n_subjects} subjects, {os.cpu_count()} CPUs, load average {load:.1f} "
+            f"\n{args.n_subjects} subjects, {args.chunk_size} per chunk job, {os.cpu_count()} CPUs, "
+            f"load average {load:.1f} "
             f"(target: DAG built in <= {TARGET_S:.0f} s)"
         )
         print(f"  {'':50s} {'DAG built':>10s} {'snakemake -n':>13s} {'jobs':>7s}")
