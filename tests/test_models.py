@@ -18,8 +18,16 @@ from nnqc_pipe.models.autoencoder import (
     find_perceptual_weights,
     one_hot,
 )
-from nnqc_pipe.models.ldm import ConditionalLDM, encode_candidate, spatial_condition, toe_kwargs, unet_kwargs
+from nnqc_pipe.models.ldm import (
+    ConditionalLDM,
+    ddim_scheduler,
+    encode_candidate,
+    spatial_condition,
+    toe_kwargs,
+    unet_kwargs,
+)
 from nnqc_pipe.sampling import PGTModels, class_dice, generate_pgt, slice_uncertainty
+from nnqc_pipe.train_ldm import LDMTrainer
 
 PLAN = {"patch_size": [32, 32], "n_classes": 3}
 TINY = {
@@ -279,3 +287,24 @@ def test_class_dice_conventions():
     assert class_dice(a, b, 3).tolist() == [0.0, 1.0]
     a[0, :2] = 1
     assert class_dice(a, b, 3)[0] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_prediction_types_have_their_targets_and_loss_weights(cfg, kind):
+    cfg = cfg | {"noise": cfg["noise"] | {"prediction_type": kind}}
+    trainer = LDMTrainer(cfg, toe_kwargs(cfg, pooled_dim=8, token_dim=8, n_tokens=4), torch.device("cpu"))
+    z0, noise, t = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4), torch.tensor([0, 999])
+    alpha_bar = trainer.noise.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = {"epsilon": noise, "sample": z0, "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * z0}
+    torch.testing.assert_close(trainer.target(z0, noise, t), expected[kind])
+    snr = (alpha_bar / (1 - alpha_bar)).flatten()
+    gamma = cfg["ldm"]["min_snr_gamma"]
+    weights = {
+        "epsilon": snr.clamp(max=gamma) / snr,
+        "sample": torch.ones(2),
+        "v_prediction": snr.clamp(max=gamma) / (snr + 1),
+    }
+    torch.testing.assert_close(trainer.loss_weight(t), weights[kind])
+    if kind == "epsilon":  # the almost noise-free step is down-weighted, the pure-noise step is not
+        assert weights[kind][0] < 0.01 and weights[kind][1] == 1.0
+    assert ddim_scheduler(cfg, 5).prediction_type == kind

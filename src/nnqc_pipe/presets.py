@@ -38,6 +38,7 @@ _COMMON: dict[str, Any] = {
         "schedule": "scaled_linear_beta",
         "beta_start": 0.0015,
         "beta_end": 0.0195,
+        "prediction_type": "epsilon",
     },
 }
 

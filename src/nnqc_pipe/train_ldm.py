@@ -3,9 +3,9 @@
 Training pairs are made on the fly: a ground-truth slice's latent (from the frozen stage-1 encoder, scaled by
 a factor computed once from the training latents and saved) is noised at a random timestep, and the UNet,
 given the noisy latent, a corrupted version of the same slice (``degrade.corrupt_slice`` over the whole
-severity range, empty masks included) and the Team of Experts context, predicts the noise (MSE with
-Min-SNR-γ weights, ``ldm.min_snr_gamma``). EMA weights (with a warm-up), gradient clipping, bf16 autocast of
-the UNet on CUDA only.
+severity range, empty masks included) and the Team of Experts context, predicts the noise — or the clean
+latent or the velocity, ``noise.prediction_type`` — (MSE with the weights of :meth:`LDMTrainer.loss_weight`).
+EMA weights (with a warm-up), gradient clipping, bf16 autocast of the UNet on CUDA only.
 
 Validation samples pGTs (DDIM, EMA weights) for whole validation subjects from candidates corrupted at fixed
 severities, and the checkpoint with the best reconstruction Dice of those pGTs is kept, not the lowest loss.
@@ -221,13 +221,13 @@ class LDMTrainer:
         return {"loss": total / len(batches), "steps": len(batches), "lr": self.lr_schedule.get_last_lr()[0]}
 
     def train_step(self, z0: torch.Tensor, cand: torch.Tensor, ratio: np.ndarray, emb: dict) -> float:
-        """ε-prediction MSE (Min-SNR weighted) on one batch; clipped gradient step; EMA update."""
+        """Weighted MSE of the prediction (ε, x0 or v) on one batch; clipped gradient step; EMA update."""
         noise = torch.randn_like(z0)
         timesteps = torch.randint(0, self.noise.num_train_timesteps, (z0.shape[0],), device=self.device)
         noisy = self.noise.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
         ratio_t = torch.as_tensor(ratio, device=self.device)
         pred = self.model(noisy, timesteps, cand, ratio_t, emb.get("pooled"), emb.get("tokens"))
-        per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
+        per_sample = F.mse_loss(pred, self.target(z0, noise, timesteps), reduction="none").flatten(1).mean(1)
         loss = (per_sample * self.loss_weight(timesteps)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,18 +237,29 @@ class LDMTrainer:
         self.ema.update_parameters(self.model)
         return loss.item()
 
-    def loss_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-γ weights for ε-prediction, ``min(SNR, γ) / SNR`` (Hang et al. 2023); 1 without γ.
+    def target(self, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the network predicts (``noise.prediction_type``): the noise, the clean latent or the velocity."""
+        kind = self.noise.prediction_type
+        if kind == "sample":
+            return z0
+        if kind == "v_prediction":
+            return self.noise.get_velocity(z0, noise, timesteps)
+        return noise
 
-        Low-noise steps dominate a plain ε loss; capping their weight lets the network learn early what the
-        high-noise steps need — using the candidate and the context — which decides the layout of a sample.
+    def loss_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights: Min-SNR-γ (Hang et al. 2023) for ε and v, uniform for x0 prediction.
+
+        Low-noise steps dominate a plain ε loss; capping their weight (``min(SNR, γ) / SNR`` for ε,
+        ``min(SNR, γ) / (SNR + 1)`` for v) lets the network learn early what the high-noise steps need — using
+        the candidate and the context — which decides the layout of a sample. An unweighted x0 loss already
+        gives the high-noise steps, where the pGT is read off the condition alone, their full weight.
         """
-        gamma = self.lcfg["min_snr_gamma"]
-        if not gamma:
+        gamma, kind = self.lcfg["min_snr_gamma"], self.noise.prediction_type
+        if not gamma or kind == "sample":
             return torch.ones_like(timesteps, dtype=torch.float32)
         alpha_bar = self.noise.alphas_cumprod.to(timesteps.device)[timesteps]
         snr = alpha_bar / (1 - alpha_bar)
-        return snr.clamp(max=gamma) / snr
+        return snr.clamp(max=gamma) / (snr + 1 if kind == "v_prediction" else snr)
 
     def state(self, **extra: Any) -> dict[str, Any]:
         """The full training state plus run bookkeeping in ``extra``."""

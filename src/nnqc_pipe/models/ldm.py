@@ -77,14 +77,15 @@ def toe_kwargs(cfg: dict[str, Any], pooled_dim: int, token_dim: int, n_tokens: i
 
 
 def noise_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
-    """The training noise schedule (T = ``noise.n_train_timesteps``, ε-prediction)."""
+    """The training noise schedule (T = ``noise.n_train_timesteps``; the network predicts ``noise.prediction_type``:
+    ``epsilon`` as in the paper, ``sample`` (the clean latent x0) or ``v_prediction``)."""
     noise = cfg["noise"]
     return DDPMScheduler(
         num_train_timesteps=noise["n_train_timesteps"],
         schedule=noise["schedule"],
         beta_start=noise["beta_start"],
         beta_end=noise["beta_end"],
-        prediction_type="epsilon",
+        prediction_type=noise["prediction_type"],
         clip_sample=False,
     )
 
@@ -97,7 +98,7 @@ def ddim_scheduler(cfg: dict[str, Any], steps: int) -> DDIMScheduler:
         schedule=noise["schedule"],
         beta_start=noise["beta_start"],
         beta_end=noise["beta_end"],
-        prediction_type="epsilon",
+        prediction_type=noise["prediction_type"],
         clip_sample=False,
     )
     scheduler.set_timesteps(steps)
@@ -155,7 +156,7 @@ class ConditionalLDM(nn.Module):
     def denoise(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, candidate: torch.Tensor, context: torch.Tensor
     ) -> torch.Tensor:
-        """Predicted noise for noisy latents [B, L, h, w] given latent-size candidates and a context."""
+        """The UNet's prediction (ε, x0 or v) for noisy latents [B, L, h, w], spatial condition and context."""
         x = torch.cat([noisy, candidate], dim=1)
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
