@@ -38,7 +38,9 @@ _COMMON: dict[str, Any] = {
         "schedule": "scaled_linear_beta",
         "beta_start": 0.0015,
         "beta_end": 0.0195,
-        "prediction_type": "epsilon",
+        # x0 prediction: on hippocampus (cpu preset, same budget) validation pGT Dice 0.79 after 3 epochs, against
+        # 0.19 for ε prediction (0.54 after 12); the paper preset keeps the paper's ε.
+        "prediction_type": "sample",
     },
 }
 
@@ -89,6 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "val_max_subjects": 16,
             },
             "experts": {"mode": "full", "d_model": 512, "n_queries": 8, "n_heads": 8, "n_fourier": 16},
+            "noise": {"prediction_type": "epsilon"},
             "inference": {"ddim_steps": 20, "n_samples": 1, "batch_size": 32},
         },
     ),
