@@ -39,8 +39,9 @@ def parse_log(path: str) -> dict:
     run_ids = re.findall(r"SLURM run ID: (\S+)", text)
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
     arrays = re.findall(r"Submitted array job with Snakemake IDs (\S+) and SLURM job ID (\d+)", text)
-    remote_rules = collections.Counter(re.findall(r"^\s*rule (\w+):$", text, flags=re.M))
-    local_rules = collections.Counter(re.findall(r"^\s*localrule (\w+):$", text, flags=re.M))
+    # a checkpoint's job is announced as "checkpoint NAME:" (locally "localcheckpoint NAME:")
+    remote_rules = collections.Counter(re.findall(r"^\s*(?:rule|checkpoint) (\w+):$", text, flags=re.M))
+    local_rules = collections.Counter(re.findall(r"^\s*local(?:rule|checkpoint) (\w+):$", text, flags=re.M))
     steps = re.findall(r"^(\d+) of (\d+) steps \(100%\) done", text, flags=re.M)
     return {
         "run_id": run_ids[-1] if run_ids else None,
@@ -68,7 +69,7 @@ def slurm_jobs(run_id: str) -> list[dict]:
 
 
 def rule_of_comment(comment: str) -> str:
-    """rule_<name>[_wildcards_...] for a job, rule_<group>_<rules> for a group job (the plugin's --comment)."""
+    """rule_<name>[_wildcards_...] for a job (the plugin's --comment)."""
     c = comment.removeprefix("rule_").split("_wildcards_")[0]
     return c
 
@@ -123,7 +124,7 @@ def check_jobs(log: dict, cpu_partition: str, gpu_partition: str) -> None:
                 f"job {j['id']} ({name}): partition {j['partition']}, tres {j['tres']}; wanted {want}"
                 + (" with gres gpu:a100:1" if is_gpu else " without GPU")
             )
-    print("sbatch jobs per rule or group (partition, GPU request): count")
+    print("sbatch jobs per rule (partition, GPU request): count")
     for name in sorted(per_rule):
         for (part, tres), n in sorted(per_rule[name].items()):
             print(f"    {name:40s} {part:6s} {tres:20s} {n}")

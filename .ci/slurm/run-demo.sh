@@ -5,7 +5,7 @@
 # through sbatch, GPU rules on the gpu partition with an A100, expected outputs, complete report), and stops the
 # daemons it started, on failure too. Results go to results/slurm-ci/ (NNQC_SLURM_RESULTS), apart from local runs.
 #
-#   .ci/slurm/run-demo.sh            (root, Debian 12; ~N minutes on 2 cores, see the printed times)
+#   .ci/slurm/run-demo.sh            (root, Debian 12; about 11 minutes on 2 cores, see the printed times)
 #   NNQC_SLURM_KEEP=1 .ci/slurm/run-demo.sh     leave the cluster running afterwards
 set -euo pipefail
 cd "$(dirname "$0")/../.."
