@@ -16,6 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NNQC_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a shared 2-core machine they stall."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_cohort(name: str) -> Path:
     """Folder of a shared real cohort, or skip the test when it is not on this machine."""
     path = SHARED_DATA / name

@@ -76,31 +76,28 @@ def toe_kwargs(cfg: dict[str, Any], pooled_dim: int, token_dim: int, n_tokens: i
     }
 
 
+def schedule_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Arguments shared by the training (DDPM) and sampling (DDIM) schedulers: one noise schedule for both."""
+    noise = cfg["noise"]
+    return {
+        "num_train_timesteps": noise["n_train_timesteps"],
+        "schedule": noise["schedule"],
+        "beta_start": noise["beta_start"],
+        "beta_end": noise["beta_end"],
+        "prediction_type": noise["prediction_type"],
+        "clip_sample": False,
+    }
+
+
 def noise_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
     """The training noise schedule (T = ``noise.n_train_timesteps``; the network predicts ``noise.prediction_type``:
     ``epsilon`` as in the paper, ``sample`` (the clean latent x0) or ``v_prediction``)."""
-    noise = cfg["noise"]
-    return DDPMScheduler(
-        num_train_timesteps=noise["n_train_timesteps"],
-        schedule=noise["schedule"],
-        beta_start=noise["beta_start"],
-        beta_end=noise["beta_end"],
-        prediction_type=noise["prediction_type"],
-        clip_sample=False,
-    )
+    return DDPMScheduler(**schedule_kwargs(cfg))
 
 
 def ddim_scheduler(cfg: dict[str, Any], steps: int) -> DDIMScheduler:
     """A deterministic DDIM sampler over ``steps`` steps of the training schedule (no x0 clipping)."""
-    noise = cfg["noise"]
-    scheduler = DDIMScheduler(
-        num_train_timesteps=noise["n_train_timesteps"],
-        schedule=noise["schedule"],
-        beta_start=noise["beta_start"],
-        beta_end=noise["beta_end"],
-        prediction_type=noise["prediction_type"],
-        clip_sample=False,
-    )
+    scheduler = DDIMScheduler(**schedule_kwargs(cfg))
     scheduler.set_timesteps(steps)
     return scheduler
 
