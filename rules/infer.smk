@@ -24,6 +24,8 @@ rule infer:
         inference=as_json(config["inference"]),
         device=config["device"],
         seed=config["seed"],
+    # A chunk is one process: on a CPU-only machine it uses up to 8 cores (fewer when --cores is smaller).
+    threads: 8
     resources:
         gpu_job=1,
         runtime=chunk_runtime("infer", 2),
@@ -34,7 +36,7 @@ rule infer:
     benchmark:
         f"{BENCH}/infer/{{chunk}}.tsv",
     shell:
-        "OMP_NUM_THREADS=1 python -m nnqc_pipe infer --tasks {params.tasks:q} --npz {params.npz:q} "
+        "OMP_NUM_THREADS={threads} python -m nnqc_pipe infer --tasks {params.tasks:q} --npz {params.npz:q} "
         "--embeddings {params.embeddings:q} --candidates {params.candidates:q} --model-dir {params.model_dir} "
         "--inference {params.inference:q} --device {params.device} --seed {params.seed} --out-pgt {params.pgt:q} "
         "--out-slices {params.slices:q} --out-errors {params.errors:q} --record {output} > {log} 2>&1"
