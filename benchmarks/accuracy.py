@@ -4,7 +4,7 @@ Runs the WHOLE pipeline with snakemake on a cohort, then reads its report and pr
 targets (PASS/MISS):
 
 - DSC Pearson r and MAE, HD95 Pearson r and MAE (mm), for the foreground and per class, per source and over the
-  pooled sources written by ``nnqc_pipe.report``: ``all_degraded`` (the saved degradation levels L1..L5, the
+  pooled sources written by ``nnqc_pipe.report.tables``: ``all_degraded`` (the saved degradation levels L1..L5, the
   paper's controlled benchmark: the headline figures) and ``all`` (every source, ``gt`` included);
 - Kendall tau of the ranking of the sources by mean predicted vs mean real foreground DSC (``ranking.parquet``);
 - the wall time of each stage (the snakemake benchmark TSVs under ``<results>/<cohort>/benchmarks/``, summed per
@@ -52,7 +52,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from nnqc_pipe.io import read_parquet_metadata
+from nnqc_pipe.data.io import read_parquet_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "results" / "bench"

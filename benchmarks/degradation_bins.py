@@ -17,8 +17,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from nnqc_pipe.data.io import spacing_of
 from nnqc_pipe.degrade import LEVEL_BINS, degrade_subject
-from nnqc_pipe.io import spacing_of
 
 
 def load_cohort(data: Path, limit: int | None) -> list[tuple[str, np.ndarray, tuple[float, float, float]]]:

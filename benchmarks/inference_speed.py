@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nnqc_pipe import presets
+from nnqc_pipe.models import presets
 from nnqc_pipe.models.autoencoder import autoencoder_kwargs, build_autoencoder
 from nnqc_pipe.models.ldm import ConditionalLDM, toe_kwargs, unet_kwargs
-from nnqc_pipe.sampling import PGTModels, generate_pgt
+from nnqc_pipe.models.pgt import PGTModels, generate_pgt
 
 # E2 cache shapes: pooled projection, token width, tokens (4 x 4 grid = encoder.token_grid).
 E2_SIZES = {

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnqc_pipe import presets
+from nnqc_pipe.models import presets
 from nnqc_pipe.models.autoencoder import autoencoder_kwargs, build_autoencoder, one_hot
 from nnqc_pipe.models.ldm import toe_kwargs
-from nnqc_pipe.sampling import PGTModels
-from nnqc_pipe.train_ldm import LDMTrainer, corrupt_batch
-from nnqc_pipe.train_vae import VAETrainer
+from nnqc_pipe.models.pgt import PGTModels
+from nnqc_pipe.models.train_ldm import LDMTrainer, corrupt_batch
+from nnqc_pipe.models.train_vae import VAETrainer
 
 REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus"
@@ -111,10 +111,10 @@ def prepare_hippocampus(
 ) -> tuple[dict, list[str], list[str]]:
     """Fingerprint, plan (patch a multiple of ``divisor``) and preprocess the cohort with the package's modules."""
     from nnqc_pipe.config import validate_config
-    from nnqc_pipe.fingerprint import compute_fingerprint
-    from nnqc_pipe.inspect_subject import inspect_subject
-    from nnqc_pipe.plan import make_plan
-    from nnqc_pipe.preprocess import preprocess_subject, save_preprocessed
+    from nnqc_pipe.data.fingerprint import compute_fingerprint
+    from nnqc_pipe.data.inspect import inspect_subject
+    from nnqc_pipe.data.plan import make_plan
+    from nnqc_pipe.data.preprocess import preprocess_subject, save_preprocessed
 
     subjects = sorted(p.name.removesuffix(".nii.gz") for p in (data / "imagesTr").glob("*.nii.gz"))
     order = np.random.default_rng(seed).permutation(len(subjects))
@@ -142,9 +142,9 @@ def prepare_hippocampus(
 
 def hippocampus(args: argparse.Namespace) -> None:
     """Train the cpu preset on the hippocampus cohort and report time and validation pGT Dice."""
-    from nnqc_pipe.embed import embed_subject
-    from nnqc_pipe.train_ldm import train_ldm
-    from nnqc_pipe.train_vae import train_vae
+    from nnqc_pipe.models.embed import embed_subject
+    from nnqc_pipe.models.train_ldm import train_ldm
+    from nnqc_pipe.models.train_vae import train_vae
 
     out = Path(args.out)
     started = time.perf_counter()

@@ -5,13 +5,15 @@ import math
 import os
 
 import pandas as pd
+from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 from snakemake.utils import min_version, validate
 
-from nnqc_pipe import demo as demo_module
+from nnqc_pipe.data import demo as demo_module
 from nnqc_pipe.chunks import CHUNK_ID_PATTERN, chunk_group, chunk_of, fill, make_chunks
-from nnqc_pipe.config import config_hash, discover_subjects, label_map
-from nnqc_pipe.presets import plan_overrides
+from nnqc_pipe.config import config_hash, discover_subjects, job_python_problem, label_map
+from nnqc_pipe.models.presets import check_overrides, plan_overrides
 
 min_version("9.0")
 
@@ -23,13 +25,23 @@ if not config:
 
 
 validate(config, "../config/schemas/config.schema.yaml")
+# model: overrides are checked against the preset here, so a typo stops the run before any job.
+check_overrides(config["model"], config["preset"])
+
+# Without --use-conda the jobs run the `python` on PATH: stop now, in one line, if it cannot import the package's
+# dependencies (e.g. .venv/bin/snakemake called without activating the environment).
+if workflow.is_main_process and DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    _problem = job_python_problem()
+    if _problem:
+        raise WorkflowError(f"{_problem}. Activate the project's environment first (`. .venv/bin/activate`, "
+                            "or `make demo`), or run with --use-conda.")
 
 COHORT = config["cohort"]
 OUT = f"{config['results']}/{COHORT}"
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 LABELS = label_map(config)
-LABEL_VALUES = ",".join(str(v) for v in LABELS)
+LABEL_VALUES = " ".join(str(v) for v in LABELS)
 LEVELS = config["degradation"]["levels"]
 HAS_LABELS = config["labels"] is not None
 MODELS = f"{OUT}/models"

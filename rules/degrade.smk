@@ -16,7 +16,7 @@ rule degrade:
         masks=pattern("degraded"),
         manifest=pattern("degraded_manifest"),
         seed=config["degradation"]["seed"],
-        levels=",".join(map(str, LEVELS)),
+        levels=" ".join(map(str, LEVELS)),
     resources:
         runtime=chunk_runtime("degrade", 3),
     conda:

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nnqc_pipe import demo
 from nnqc_pipe.config import validate_config
+from nnqc_pipe.data import demo
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NNQC_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nnqc_pipe.io import write_parquet
+from nnqc_pipe.data.io import write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 

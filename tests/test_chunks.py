@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from conftest import plan_defaults
 
-from nnqc_pipe import chunks, stages
-from nnqc_pipe.fingerprint import compute_fingerprint
-from nnqc_pipe.io import read_json, write_json
-from nnqc_pipe.plan import make_plan
+from nnqc_pipe import chunks
+from nnqc_pipe.data.fingerprint import compute_fingerprint
+from nnqc_pipe.data.io import read_json, write_json
+from nnqc_pipe.data.plan import make_plan
+from nnqc_pipe.stages import ingest, preprocess
 
 NAMES = [f"sub{i:03d}" for i in range(23)]
 
@@ -107,7 +108,7 @@ def test_inspect_chunk_records_bad_subjects_without_failing(phantom_dir, tmp_pat
     pattern_img = str(phantom_dir / "imagesTr/{subject}.nii.gz")
     pattern_lbl = str(phantom_dir / "labelsTr/{subject}.nii.gz")
     out, record = str(tmp_path / "inspect/{subject}.json"), tmp_path / "chunks/inspect/all-0000.tsv"
-    stages.inspect(["demo_000", "demo_001", "missing"], pattern_img, pattern_lbl, [1, 2], out, record)
+    ingest.inspect(["demo_000", "demo_001", "missing"], pattern_img, pattern_lbl, [1, 2], out, record)
     assert read_json(tmp_path / "inspect/demo_000.json")["status"] == "ok"
     bad = read_json(tmp_path / "inspect/missing.json")
     assert bad["status"] == "excluded" and "missing" in bad["reason"]
@@ -116,7 +117,7 @@ def test_inspect_chunk_records_bad_subjects_without_failing(phantom_dir, tmp_pat
 
 
 def test_preprocess_chunk_names_a_failing_subject_and_keeps_the_others(phantom_dir, tmp_path):
-    from nnqc_pipe.inspect_subject import inspect_subject
+    from nnqc_pipe.data.inspect import inspect_subject
 
     img, lbl = str(phantom_dir / "imagesTr/{subject}.nii.gz"), str(phantom_dir / "labelsTr/{subject}.nii.gz")
     recs = [inspect_subject(s, chunks.fill(img, subject=s), chunks.fill(lbl, subject=s), [1, 2])
@@ -125,11 +126,11 @@ def test_preprocess_chunk_names_a_failing_subject_and_keeps_the_others(phantom_d
                tmp_path / "plan.json")
     out, record = str(tmp_path / "pre/{subject}.npz"), tmp_path / "chunks/preprocess/train-0000.tsv"
     with pytest.raises(chunks.ChunkError) as err:
-        stages.preprocess(["demo_000", "gone", "demo_001"], img, lbl, tmp_path / "plan.json", out, record)
+        preprocess.preprocess(["demo_000", "gone", "demo_001"], img, lbl, tmp_path / "plan.json", out, record)
     assert "subject 'gone'" in str(err.value) and chunks.fill(img, subject="gone") in str(err.value)
     assert (tmp_path / "pre/demo_000.npz").exists() and (tmp_path / "pre/demo_001.npz").exists()
     assert not record.exists()  # the chunk is not complete: no record, Snakemake reruns it
-    stages.preprocess(["demo_000", "demo_001"], img, lbl, tmp_path / "plan.json", out, record)
+    preprocess.preprocess(["demo_000", "demo_001"], img, lbl, tmp_path / "plan.json", out, record)
     table = pd.read_csv(record, sep="\t")
     assert list(table.subject) == ["demo_000", "demo_001"] and set(table.kind) == {"npz"}
     with np.load(tmp_path / "pre/demo_001.npz") as npz:

@@ -12,6 +12,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from nnqc_pipe import degrade as D
+from nnqc_pipe.qc.metrics import class_dice, dice
 
 N_CLASSES = 3
 
@@ -45,21 +46,21 @@ def test_dice_conventions():
     full = np.ones((4, 4), bool)
     half = np.zeros((4, 4), bool)
     half[:2] = True
-    assert D.dice(empty, empty) == 1.0
-    assert D.dice(empty, full) == 0.0
-    assert D.dice(full, empty) == 0.0
-    assert D.dice(full, full) == 1.0
-    assert D.dice(full, half) == pytest.approx(2 * 8 / (16 + 8))
+    assert dice(empty, empty) == 1.0
+    assert dice(empty, full) == 0.0
+    assert dice(full, empty) == 0.0
+    assert dice(full, full) == 1.0
+    assert dice(full, half) == pytest.approx(2 * 8 / (16 + 8))
 
 
 def test_per_class_dice_covers_foreground_classes(volume):
     other = volume.copy()
     other[other == 2] = 1  # class 2 missing: its DSC 0, class 1 only gains voxels
-    scores = D.per_class_dice(other, volume, N_CLASSES)
-    assert set(scores) == {1, 2}
-    assert scores[2] == 0.0
-    assert 0.0 < scores[1] < 1.0
-    assert D.per_class_dice(volume, volume, 4) == {1: 1.0, 2: 1.0, 3: 1.0}  # class 3 absent in both
+    scores = class_dice(other, volume, N_CLASSES)
+    assert len(scores) == 2
+    assert scores[1] == 0.0
+    assert 0.0 < scores[0] < 1.0
+    assert class_dice(volume, volume, 4).tolist() == [1.0, 1.0, 1.0]  # class 3 absent in both
 
 
 def test_bin_edges():
@@ -205,7 +206,7 @@ def test_dsc_curve_matches_rendered_masks(volume):
         assert dsc[0] == 1.0 and dsc.min() < 0.05  # from unchanged to destroyed
         for k in rng.integers(0, severities.size, 8):
             rendered = D._render(volume, steps, severities[k])
-            assert D.dice(rendered > 0, volume > 0) == pytest.approx(dsc[k], abs=1e-12)
+            assert dice(rendered > 0, volume > 0) == pytest.approx(dsc[k], abs=1e-12)
 
 
 @pytest.mark.parametrize("level", sorted(D.LEVEL_BINS))
@@ -214,7 +215,7 @@ def test_degrade_volume_lands_in_bin(volume, level):
         out, dsc, per_class = D.degrade_volume(volume, (1.0, 1.0, 3.0), N_CLASSES, level,
                                                np.random.default_rng(seed))
         assert D.in_bin(dsc, level), (level, seed, dsc)
-        assert dsc == D.dice(out > 0, volume > 0)
+        assert dsc == dice(out > 0, volume > 0)
         assert set(per_class) == {1, 2}
         assert out.shape == volume.shape and out.dtype == volume.dtype
         assert set(np.unique(out)) <= {0, 1, 2}
@@ -262,12 +263,12 @@ def slice2d() -> np.ndarray:
 def test_corrupt_slice_severity_zero_keeps_the_mask(slice2d, rng):
     for _ in range(10):
         out = D.corrupt_slice(slice2d, N_CLASSES, 0.0, rng)
-        assert D.dice(out > 0, slice2d > 0) >= 0.95
+        assert dice(out > 0, slice2d > 0) >= 0.95
 
 
 def test_corrupt_slice_quality_falls_with_severity(slice2d, rng):
     def mean_dsc(severity: float) -> float:
-        return float(np.mean([D.dice(D.corrupt_slice(slice2d, N_CLASSES, severity, rng) > 0, slice2d > 0)
+        return float(np.mean([dice(D.corrupt_slice(slice2d, N_CLASSES, severity, rng) > 0, slice2d > 0)
                               for _ in range(40)]))
 
     low, mid, high = mean_dsc(0.1), mean_dsc(0.5), mean_dsc(0.95)

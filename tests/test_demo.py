@@ -1,4 +1,4 @@
-"""Tests of the synthetic demo cohort (nnqc_pipe.demo)."""
+"""Tests of the synthetic demo cohort (nnqc_pipe.data.demo)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nnqc_pipe import demo
-from nnqc_pipe.io import spacing_of
+from nnqc_pipe.data import demo
+from nnqc_pipe.data.io import spacing_of
 
 SEED = 7
 INDICES = range(6)  # covers RAS, LPS and slice-axis-first storage

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 
-from nnqc_pipe import presets
-from nnqc_pipe.embed import embed_subject, load_embeddings
+from nnqc_pipe.models import presets
+from nnqc_pipe.models.embed import embed_subject, load_embeddings
 from nnqc_pipe.models.experts import (
     TINY_ARCHITECTURE,
     TeamOfExperts,

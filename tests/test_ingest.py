@@ -1,4 +1,4 @@
-"""Per-subject validation records and the deterministic split (nnqc_pipe.inspect_subject, nnqc_pipe.split)."""
+"""Per-subject validation records and the deterministic split (nnqc_pipe.data.inspect, nnqc_pipe.data.split)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from conftest import save
 
-from nnqc_pipe.inspect_subject import foreground_geometry, inspect_subject
-from nnqc_pipe.io import write_json
-from nnqc_pipe.split import CohortError, assign_roles, read_split, write_split
+from nnqc_pipe.data.inspect import foreground_geometry, inspect_subject
+from nnqc_pipe.data.io import write_json
+from nnqc_pipe.data.split import CohortError, assign_roles, read_split, write_split
 
 
 def test_good_subject_record(phantom_dir):

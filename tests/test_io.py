@@ -1,4 +1,4 @@
-"""Input validation and atomic writing (nnqc_pipe.io)."""
+"""Input validation and atomic writing (nnqc_pipe.data.io)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from conftest import save
 
-from nnqc_pipe import io
+from nnqc_pipe.data import io
 
 
 def test_missing_file_names_subject_and_path(tmp_path):

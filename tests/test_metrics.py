@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
-from nnqc_pipe.metrics import (
+from nnqc_pipe.qc.metrics import (
     FOREGROUND,
     HIGHER_IS_BETTER,
     METRICS,

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from nnqc_pipe import presets
-from nnqc_pipe.device import resolve_device
+from nnqc_pipe.models import presets
 from nnqc_pipe.models.autoencoder import (
     MaskPerceptualLoss,
     autoencoder_kwargs,
@@ -18,6 +17,7 @@ from nnqc_pipe.models.autoencoder import (
     find_perceptual_weights,
     one_hot,
 )
+from nnqc_pipe.models.device import resolve_device
 from nnqc_pipe.models.ldm import (
     ConditionalLDM,
     ddim_scheduler,
@@ -26,8 +26,9 @@ from nnqc_pipe.models.ldm import (
     toe_kwargs,
     unet_kwargs,
 )
-from nnqc_pipe.sampling import PGTModels, class_dice, generate_pgt, slice_uncertainty
-from nnqc_pipe.train_ldm import LDMTrainer
+from nnqc_pipe.models.pgt import PGTModels, generate_pgt, slice_uncertainty
+from nnqc_pipe.models.train_ldm import LDMTrainer
+from nnqc_pipe.qc.metrics import class_dice
 
 PLAN = {"patch_size": [32, 32], "n_classes": 3}
 TINY = {

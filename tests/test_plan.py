@@ -1,13 +1,13 @@
-"""Fingerprint and plan (nnqc_pipe.fingerprint, nnqc_pipe.plan)."""
+"""Fingerprint and plan (nnqc_pipe.data.fingerprint, nnqc_pipe.data.plan)."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import plan_defaults as _defaults
 
-from nnqc_pipe.fingerprint import compute_fingerprint
-from nnqc_pipe.inspect_subject import inspect_subject
-from nnqc_pipe.plan import choose_patch, choose_slicing_axis, make_plan, round_up
+from nnqc_pipe.data.fingerprint import compute_fingerprint
+from nnqc_pipe.data.inspect import inspect_subject
+from nnqc_pipe.data.plan import choose_patch, choose_slicing_axis, make_plan, round_up
 
 
 @pytest.fixture(scope="module")

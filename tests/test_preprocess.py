@@ -1,4 +1,4 @@
-"""Invertible preprocessing (nnqc_pipe.preprocess): phantoms in non-RAS storage and the real cohorts."""
+"""Invertible preprocessing (nnqc_pipe.data.preprocess): phantoms in non-RAS storage and the real cohorts."""
 
 from __future__ import annotations
 
@@ -10,22 +10,14 @@ import pytest
 from conftest import plan_defaults as _defaults
 from conftest import shared_cohort
 
-from nnqc_pipe import preprocess as pp
 from nnqc_pipe.config import label_map, load_config
-from nnqc_pipe.fingerprint import compute_fingerprint
-from nnqc_pipe.inspect_subject import inspect_subject
-from nnqc_pipe.io import InputError
-from nnqc_pipe.plan import make_plan
-from nnqc_pipe.presets import plan_overrides
-
-
-def _class_dice(a: np.ndarray, b: np.ndarray, n_classes: int) -> list[float]:
-    out = []
-    for c in range(1, n_classes):
-        x, y = a == c, b == c
-        denom = x.sum() + y.sum()
-        out.append(1.0 if denom == 0 else 2 * (x & y).sum() / denom)
-    return out
+from nnqc_pipe.data import preprocess as pp
+from nnqc_pipe.data.fingerprint import compute_fingerprint
+from nnqc_pipe.data.inspect import inspect_subject
+from nnqc_pipe.data.io import InputError
+from nnqc_pipe.data.plan import make_plan
+from nnqc_pipe.models.presets import plan_overrides
+from nnqc_pipe.qc.metrics import class_dice
 
 
 def _cohort_plan(pairs, label_names, **plan_overrides):
@@ -43,7 +35,7 @@ def _roundtrip_worst_dice(recs, plan) -> float:
         out = pp.to_nifti(back, pre.record)
         np.testing.assert_allclose(out.affine, original.affine)
         gt = pp.values_to_indices(np.asarray(original.dataobj), plan["label_values"])
-        worst = min(worst, *_class_dice(back, gt, plan["n_classes"]))
+        worst = min(worst, *class_dice(back, gt, plan["n_classes"]))
     return worst
 
 

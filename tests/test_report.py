@@ -10,9 +10,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from nnqc_pipe.io import read_parquet_metadata, write_parquet
-from nnqc_pipe.metrics import FOREGROUND, METRICS
-from nnqc_pipe.report import (
+from nnqc_pipe.data.io import read_parquet_metadata, write_parquet
+from nnqc_pipe.qc.metrics import FOREGROUND, METRICS
+from nnqc_pipe.report.figures import plot_mae_per_level, plot_predicted_vs_real
+from nnqc_pipe.report.tables import (
     ALL_DEGRADED,
     ALL_SOURCES,
     SUMMARY_SCHEMA,
@@ -20,8 +21,6 @@ from nnqc_pipe.report import (
     build_slices,
     build_subjects,
     build_summary,
-    plot_mae_per_level,
-    plot_predicted_vs_real,
     ranking_schema,
     score_rows,
     scores_schema,

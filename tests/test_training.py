@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from nnqc_pipe import presets
-from nnqc_pipe.embed import embed_subject, load_embeddings
-from nnqc_pipe.sampling import generate_pgt, load_models
-from nnqc_pipe.train_ldm import train_ldm
-from nnqc_pipe.train_vae import train_vae
+from nnqc_pipe.models import presets
+from nnqc_pipe.models.embed import embed_subject, load_embeddings
+from nnqc_pipe.models.pgt import generate_pgt, load_models
+from nnqc_pipe.models.train_ldm import train_ldm
+from nnqc_pipe.models.train_vae import train_vae
 
 PLAN = {"patch_size": [32, 32], "n_classes": 3}
 TINY = {

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from nnqc_pipe import demo
-from nnqc_pipe.io import read_json, read_parquet_metadata
+from nnqc_pipe.data import demo
+from nnqc_pipe.data.io import read_json, read_parquet_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pandas as pd
 
-from .io import atomic_path
+from nnqc_pipe.data.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,16 @@ def fill(pattern: str, **values: str | int) -> str:
 def task_list(tasks: dict[str, list[str]]) -> list[tuple[str, str]]:
     """(subject, source) pairs of a source -> subjects mapping, subject-major (a subject's sources together)."""
     return sorted((subject, source) for source, subjects in tasks.items() for subject in subjects)
+
+
+def describe_task(candidates: Mapping[str, str]) -> Callable[[tuple[str, str]], str]:
+    """How a (subject, source) task of an infer/score chunk is named in logs and errors: subject, source, file."""
+
+    def describe(task: tuple[str, str]) -> str:
+        subject, source = task
+        return f"subject {subject!r} source {source} (candidate {fill(candidates[source], subject=subject)})"
+
+    return describe
 
 
 def run_chunk(items: Sequence[T], work: Callable[[T], list[dict[str, Any]]], describe: Callable[[T], str],

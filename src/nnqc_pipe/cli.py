@@ -1,193 +1,173 @@
-"""The ``nnqc-pipe`` command line: one sub-command per workflow stage (called by the rules), plus ``check``.
+"""The ``nnqc-pipe`` command line: one sub-command per workflow rule (called by the rules), plus ``check``.
 
-Options that carry config sections take JSON strings, so a rule passes ``params`` straight through. The
-per-subject stages take a chunk of subjects (``--subjects`` or ``--tasks``), path patterns with ``{subject}``
-(``{source}``, ``{level}``) placeholders, and ``--record``: the chunk record they write last (see
-:mod:`nnqc_pipe.chunks`).
+The stage sub-commands are built from the entry functions of :mod:`nnqc_pipe.stages`: each parameter becomes an
+option ``--name-with-dashes`` whose type comes from the type hint and whose help comes from the function's
+``Args:`` docstring section, so each option is declared once, in the function. Conversions:
+
+- ``list[T]``: one or more values (``nargs="+"``), each converted to ``T``;
+- ``dict[...]``: a JSON object (a rule passes a config section as is; ``dict[int, ...]`` keys become ints);
+- ``T | None``: ``none`` (or an empty string) gives None;
+- ``Literal[...]``: one of the listed choices;
+- a parameter without a default is required.
+
+Stage modules import torch only inside their network functions, so building the parser stays cheap.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
+import re
 import sys
+import types
+import typing
+from collections.abc import Callable
 from typing import Any
 
-from . import __version__
+from nnqc_pipe import __version__
+from nnqc_pipe.stages import STAGES
 
 
-def _json(text: str) -> Any:
-    return json.loads(text)
+def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text in ("", "none", "None") else convert(text)
+
+    return parse
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+def _json_object(key_type: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = json.loads(text)
+        return {key_type(k): v for k, v in value.items()} if key_type is int else value
+
+    return parse
 
 
-def _label_names(text: str) -> dict[int, str]:
-    return {int(k): v for k, v in json.loads(text).items()}
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """(hint without ``None``, whether ``None`` was allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        allowed_none = len(args) < len(typing.get_args(hint))
+        # str | os.PathLike is a path: a string on the command line.
+        return (args[0] if len(args) == 1 else str), allowed_none
+    return hint, False
 
 
-def _optional(text: str) -> str | None:
-    return None if text in ("", "none", "None") else text
+def option_kwargs(hint: Any) -> dict[str, Any]:
+    """argparse keyword arguments for a parameter with type hint ``hint`` (see the module docstring)."""
+    hint, allows_none = _unwrap_optional(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        item, _ = _unwrap_optional(args[0])
+        return {"nargs": "+", "type": item if item in (int, float) else str}
+    if origin is dict or hint is dict:
+        convert = _json_object(args[0] if args else str)
+    elif origin is typing.Literal:
+        return {"choices": list(args)}
+    elif hint in (int, float):
+        convert = hint
+    elif hint is bool:
+        convert = _parse_bool
+    else:
+        convert = str
+    return {"type": _optional(convert) if allows_none else convert}
 
 
-# sub-command -> (module:function, options); modules are imported only when their command runs, so the CPU
-# stages start without loading torch.
-Command = tuple[str, list[tuple[str, dict[str, Any]]]]
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
-COMMANDS: dict[str, Command] = {
-    "demo-cohort": ("stages:demo_cohort", [
-        ("--out-dir", {"required": True}),
-        ("--n-subjects", {"type": int, "required": True}),
-        ("--seed", {"type": int, "required": True}),
-    ]),
-    "inspect": ("stages:inspect", [
-        ("--subjects", {"nargs": "+", "required": True}),
-        ("--image", {"required": True}),
-        ("--label", {"type": _optional, "default": None}),
-        ("--label-values", {"type": _int_list, "required": True}),
-        ("--out", {"required": True}),
-        ("--record", {"required": True}),
-    ]),
-    "split": ("stages:split", [
-        ("--inspect-chunks", {"nargs": "+", "required": True}),
-        ("--subjects-tsv", {"required": True}),
-        ("--split-tsv", {"required": True}),
-        ("--test-fraction", {"type": float, "required": True}),
-        ("--val-fraction", {"type": float, "required": True}),
-        ("--seed", {"type": int, "required": True}),
-        ("--on-bad-subject", {"choices": ["exclude", "fail"], "default": "exclude"}),
-    ]),
-    "fingerprint": ("stages:fingerprint", [
-        ("--split-tsv", {"required": True}),
-        ("--inspect-dir", {"required": True}),
-        ("--modality", {"required": True}),
-        ("--label-names", {"type": _label_names, "required": True}),
-        ("--out", {"required": True}),
-    ]),
-    "plan": ("stages:plan", [
-        ("--fingerprint-json", {"required": True}),
-        ("--overrides", {"type": _json, "required": True}),
-        ("--out", {"required": True}),
-    ]),
-    "preprocess": ("stages:preprocess", [
-        ("--subjects", {"nargs": "+", "required": True}),
-        ("--image", {"required": True}),
-        ("--label", {"type": _optional, "default": None}),
-        ("--plan-json", {"required": True}),
-        ("--out", {"required": True}),
-        ("--record", {"required": True}),
-    ]),
-    "degrade": ("stages:degrade", [
-        ("--subjects", {"nargs": "+", "required": True}),
-        ("--image", {"required": True}),
-        ("--label", {"required": True}),
-        ("--plan-json", {"required": True}),
-        ("--seed", {"type": int, "required": True}),
-        ("--levels", {"type": _int_list, "required": True}),
-        ("--out-masks", {"required": True}),
-        ("--manifest", {"required": True}),
-        ("--record", {"required": True}),
-    ]),
-    "degrade-manifest": ("stages:degrade_manifest", [
-        ("--chunks", {"nargs": "+", "required": True}),
-        ("--out", {"required": True}),
-    ]),
-    "embed": ("model_stages:embed", [
-        ("--subjects", {"nargs": "+", "required": True}),
-        ("--npz", {"required": True}),
-        ("--plan-json", {"required": True}),
-        ("--settings", {"type": _json, "required": True}),
-        ("--device", {"default": "auto"}),
-        ("--out", {"required": True}),
-        ("--record", {"required": True}),
-    ]),
-    "train-vae": ("model_stages:train_vae", [
-        ("--split-tsv", {"required": True}),
-        ("--preprocessed-dir", {"required": True}),
-        ("--plan-json", {"required": True}),
-        ("--settings", {"type": _json, "required": True}),
-        ("--out-dir", {"required": True}),
-        ("--device", {"default": "auto"}),
-        ("--seed", {"type": int, "default": 0}),
-    ]),
-    "train-ldm": ("model_stages:train_ldm", [
-        ("--split-tsv", {"required": True}),
-        ("--preprocessed-dir", {"required": True}),
-        ("--embeddings-dir", {"required": True}),
-        ("--plan-json", {"required": True}),
-        ("--settings", {"type": _json, "required": True}),
-        ("--vae", {"required": True}),
-        ("--out-dir", {"required": True}),
-        ("--device", {"default": "auto"}),
-        ("--seed", {"type": int, "default": 0}),
-    ]),
-    "infer": ("model_stages:infer", [
-        ("--tasks", {"type": _json, "required": True}),
-        ("--npz", {"required": True}),
-        ("--embeddings", {"type": _optional, "default": None}),
-        ("--candidates", {"type": _json, "required": True}),
-        ("--model-dir", {"required": True}),
-        ("--inference", {"type": _json, "required": True}),
-        ("--device", {"default": "auto"}),
-        ("--seed", {"type": int, "default": 0}),
-        ("--out-pgt", {"required": True}),
-        ("--out-slices", {"required": True}),
-        ("--out-errors", {"type": _optional, "default": None}),
-        ("--record", {"required": True}),
-    ]),
-    "score": ("stages:score", [
-        ("--cohort", {"required": True}),
-        ("--tasks", {"type": _json, "required": True}),
-        ("--npz", {"required": True}),
-        ("--plan-json", {"required": True}),
-        ("--candidates", {"type": _json, "required": True}),
-        ("--pgt", {"required": True}),
-        ("--gt", {"type": _optional, "default": None}),
-        ("--slices", {"required": True}),
-        ("--tolerance-mm", {"type": float, "required": True}),
-        ("--out", {"required": True}),
-        ("--record", {"required": True}),
-    ]),
-    "report": ("stages:report", [
-        ("--score-chunks", {"nargs": "+", "required": True}),
-        ("--out-dir", {"required": True}),
-        ("--cohort", {"required": True}),
-        ("--qc-pass-dsc", {"type": float, "required": True}),
-        ("--config-digest", {"required": True}),
-        ("--model-dir", {"required": True}),
-        ("--figures-dir", {"required": True}),
-        ("--results-dir", {"required": True}),
-        ("--n-overlays", {"type": int, "default": 6}),
-    ]),
-    "check": ("check:check", [
-        ("--image", {"required": True}),
-        ("--mask", {"required": True}),
-        ("--model-dir", {"required": True}),
-        ("--out", {"default": None}),
-        ("--plan", {"default": None}),
-        ("--ddim-steps", {"type": int, "default": 20}),
-        ("--samples", {"type": int, "default": 1}),
-        ("--device", {"default": "auto"}),
-        ("--seed", {"type": int, "default": 0}),
-    ]),
-}
+
+def parameter_help(func: Callable[..., Any]) -> dict[str, str]:
+    """Parameter name -> help text from the ``Args:`` section of ``func``'s docstring."""
+    doc = inspect.getdoc(func) or ""
+    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    helps: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        match = re.match(r"^    (\w+): (.*)$", line)
+        if match:
+            name = match.group(1)
+            helps[name] = match.group(2).strip()
+        elif name and line.startswith("        "):
+            helps[name] += " " + line.strip()
+        elif line.strip():
+            break
+    return helps
+
+
+def add_function_command(sub: argparse._SubParsersAction, name: str, func: Callable[..., Any]) -> None:
+    """A sub-command ``name`` whose options are ``func``'s parameters."""
+    doc = inspect.getdoc(func) or ""
+    summary = doc.split("\n\n", 1)[0].replace("\n", " ")
+    parser = sub.add_parser(name, help=summary, description=doc.split("Args:", 1)[0].strip())
+    hints = typing.get_type_hints(func)
+    helps = parameter_help(func)
+    for param in inspect.signature(func).parameters.values():
+        kwargs = option_kwargs(hints[param.name])
+        if param.default is inspect.Parameter.empty:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = param.default
+        missing = f"(undocumented parameter of {func.__module__}.{func.__name__})"
+        text = helps.get(param.name, missing)
+        if param.default is not inspect.Parameter.empty:
+            text += f" (default: {param.default})"
+        parser.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, help=text, **kwargs)
+
+
+def stage_functions() -> dict[str, Callable[..., Any]]:
+    """Sub-command name (rule name with dashes) -> stage entry function."""
+    out = {}
+    for module_name, names in STAGES.items():
+        module = importlib.import_module(f"nnqc_pipe.stages.{module_name}")
+        for name in names:
+            out[name.replace("_", "-")] = getattr(module, name)
+    return out
+
+
+def add_check_command(sub: argparse._SubParsersAction) -> None:
+    """``check``: QC of one image and mask with a trained model folder, outside Snakemake."""
+    p = sub.add_parser("check", help="predicted quality of one mask for one image, with a trained model folder",
+                       description="Preprocess one image with the model's plan, generate its pGT and print the "
+                                   "predicted metrics of the mask.")
+    p.add_argument("--image", required=True, help="the image (NIfTI)")
+    p.add_argument("--mask", required=True, help="the candidate mask to QC, on the image's grid (NIfTI)")
+    p.add_argument("--model-dir", required=True, help="folder with vae.pt and ldm.pt (results/<cohort>/models)")
+    p.add_argument("--out", default=None, help="write the pGT here (NIfTI; default: not written)")
+    p.add_argument("--plan", default=None, help="plan.json (default: next to or above --model-dir)")
+    p.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps (default: 20)")
+    p.add_argument("--samples", type=int, default=1, help="pGT draws per slice (default: 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
-    parser = argparse.ArgumentParser(prog="nnqc-pipe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nnqc-pipe", description="nnqc-pipe: segmentation QC with nnQC. "
+                                     "The stage commands are called by the workflow's rules.")
     parser.add_argument("--version", action="version", version=f"nnqc-pipe {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (target, options) in COMMANDS.items():
-        p = sub.add_parser(name, help=f"stage {target.replace(':', '.')}")
-        for flag, kwargs in options:
-            p.add_argument(flag, **kwargs)
+    for name, func in stage_functions().items():
+        add_function_command(sub, name, func)
+    add_check_command(sub)
     return parser
+
+
+def resolve_command(command: str) -> Callable[..., Any]:
+    """The function a sub-command runs."""
+    if command == "check":
+        from nnqc_pipe.qc.check import check
+
+        return check
+    return stage_functions()[command]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,11 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    module, _, func_name = COMMANDS[args.command][0].partition(":")
-    func = getattr(importlib.import_module(f"nnqc_pipe.{module}"), func_name)
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
     try:
-        func(**kwargs)
+        resolve_command(args.command)(**kwargs)
     except ValueError as exc:
         logging.getLogger("nnqc_pipe").error("%s", exc)
         return 2

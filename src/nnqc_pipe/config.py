@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,29 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+# What the jobs' ``python`` must import (the rules run ``python -m nnqc_pipe``); checked when the workflow starts.
+JOB_MODULES = ("numpy", "scipy", "pandas", "pyarrow", "nibabel", "SimpleITK", "sklearn", "matplotlib", "yaml",
+               "torch", "monai", "open_clip")
+
+
+def job_python_problem(python: str = "python") -> str | None:
+    """Why the jobs' ``python`` cannot run the stages (not found, or modules missing), or None when it can.
+
+    Without ``--use-conda`` the rules run whatever ``python`` is first on PATH; a newcomer who calls
+    ``.venv/bin/snakemake`` without activating the environment would otherwise see every job fail deep in its
+    log with "No module named ...".
+    """
+    code = ("import importlib.util as u, sys; "
+            f"print(sys.executable); print(' '.join(m for m in {JOB_MODULES!r} if u.find_spec(m) is None))")
+    try:
+        result = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    except FileNotFoundError:
+        return f"no {python!r} on PATH for the jobs"
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or len(lines) < 2:
+        return f"the jobs' {python!r} does not run: {result.stderr.strip()[-300:]}"
+    if lines[1].strip():
+        return f"the jobs' {python!r} ({lines[0]}) cannot import {lines[1].replace(' ', ', ')}"
+    return None

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from nnqc_pipe.qc.metrics import class_dice, dice, dice_from_counts
+
 log = logging.getLogger(__name__)
 
 LEVEL_BINS: dict[int, tuple[float, float]] = {
@@ -74,28 +76,6 @@ P_MERGE = 0.5
 # ---------------------------------------------------------------------------------------------------
 # DSC
 # ---------------------------------------------------------------------------------------------------
-
-
-def _dice_from_counts(intersection: np.ndarray, n_a: int, n_b: np.ndarray) -> np.ndarray:
-    """Vectorised DSC from voxel counts, with both empty → 1 (and one empty → 0, which 2·0/n gives)."""
-    total = n_a + np.asarray(n_b, dtype=np.float64)
-    safe = np.where(total > 0, total, 1.0)
-    return np.where(total > 0, 2.0 * np.asarray(intersection, dtype=np.float64) / safe, 1.0)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """DSC of two boolean masks; both empty → 1.0, exactly one empty → 0.0 (never NaN)."""
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
-    inter = np.count_nonzero(a & b)
-    return float(_dice_from_counts(inter, np.count_nonzero(a), np.count_nonzero(b)))
-
-
-def per_class_dice(a: np.ndarray, b: np.ndarray, n_classes: int) -> dict[int, float]:
-    """DSC per foreground class ``1..n_classes-1`` of two class-index arrays (conventions of :func:`dice`)."""
-    return {c: dice(a == c, b == c) for c in range(1, n_classes)}
 
 
 def in_bin(dsc: float, level: int) -> bool:
@@ -647,7 +627,7 @@ def _dsc_curve(label: np.ndarray, steps: Sequence[_Step]) -> tuple[np.ndarray, n
     priority = np.concatenate([np.full(s.edits.index.size, i, dtype=np.int64) for i, s in enumerate(steps)])
     n_ref = int(np.count_nonzero(gt))
     if index.size == 0:
-        return np.zeros(1), _dice_from_counts(np.array([n_ref]), n_ref, np.array([n_ref]))
+        return np.zeros(1), dice_from_counts(np.array([n_ref]), n_ref, np.array([n_ref]))
 
     order = np.lexsort((priority, activation, index))
     index, value, activation, priority = index[order], value[order], activation[order], priority[order]
@@ -668,7 +648,7 @@ def _dsc_curve(label: np.ndarray, steps: Sequence[_Step]) -> tuple[np.ndarray, n
     pred = n_ref + np.cumsum(d_pred[order])[ends]
     inter = n_ref + np.cumsum(d_inter[order])[ends]
     severities = np.r_[0.0, activation[ends]]
-    dsc = _dice_from_counts(np.r_[n_ref, inter], n_ref, np.r_[n_ref, pred])
+    dsc = dice_from_counts(np.r_[n_ref, inter], n_ref, np.r_[n_ref, pred])
     return severities, dsc
 
 
@@ -731,7 +711,7 @@ def degrade_volume(
             "level %d: no recipe reached the DSC bin [%.2f, %.2f] in %d tries; keeping DSC %.3f",
             level, lo, hi, max_tries, achieved,
         )
-    return out, achieved, per_class_dice(out, label, n_classes)
+    return out, achieved, dict(enumerate(class_dice(out, label, n_classes).tolist(), start=1))
 
 
 def degrade_subject(

@@ -34,7 +34,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP, _build_vision_tower
 from torch import nn
 
-from nnqc_pipe.io import atomic_path
+from nnqc_pipe.data.io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from nnqc_pipe.device import unet_autocast
+from nnqc_pipe.models.device import unet_autocast
 from nnqc_pipe.models.experts import TeamOfExperts
 
 

@@ -1,4 +1,9 @@
-"""Machinery shared by the two training stages: slice loading, resumable state, curves, progress, stopping.
+"""The one training loop of both stages (:func:`fit`) and what it needs: slice loading, the run's bookkeeping
+(:class:`RunState`), resumable state, curves, progress, stopping.
+
+:func:`fit` runs epochs of any :class:`Trainer` (the VAE-GAN of ``train_vae``, the LDM of ``train_ldm``): train an
+epoch, validate when the trainer says so, keep the weights of the best validation score, log, save the state and
+the curves, stop on patience, the epoch budget or the wall-clock cap.
 
 Resumability: the full training state is written atomically after every epoch to ``{stage}_state.pt`` next to
 the final checkpoint (that file is not a rule output, so Snakemake leaves it in place when a job is killed).
@@ -13,16 +18,16 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from nnqc_pipe.io import atomic_path
+from nnqc_pipe.data.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +151,103 @@ class StopRule:
         if self.time_up:
             return f"time cap of {self.max_minutes} min reached"
         return None
+
+
+@dataclass
+class RunState:
+    """The bookkeeping of a training run, saved with its state: epochs and steps done, the best validation score
+    (``best_val_dice``: the selection score) and epoch, the per-epoch curves, training seconds over all resumed
+    runs, the weights of the best epoch, and stage-specific facts (``extra``, e.g. the LDM's latent scale)."""
+
+    epoch: int = 0
+    step: int = 0
+    best_val_dice: float = -1.0
+    best_epoch: int = 0
+    best_scores: dict[str, float] = field(default_factory=dict)
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    best_model: dict[str, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_state(self) -> dict[str, Any]:
+        """The keys saved in the checkpoint (``extra`` flattened in)."""
+        out = asdict(self)
+        out["best_model"] = self.best_model
+        return {**out, **out.pop("extra")}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], extra_keys: Sequence[str] = ()) -> RunState:
+        """The bookkeeping of a saved state."""
+        run = cls(**{k: state[k] for k in ("epoch", "step", "best_val_dice", "best_epoch", "curves", "seconds")})
+        run.best_scores = state.get("best_scores", {})
+        run.best_model = state["best_model"]
+        run.extra = {k: state[k] for k in extra_keys}
+        return run
+
+
+class Trainer(Protocol):
+    """What :func:`fit` drives: one stage's networks, optimisers and data."""
+
+    kind: str  # "vae" or "ldm": names the state, curves and log lines
+    n_slices: int  # training slices per epoch (throughput in the curves)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch (0-based); the mean losses plus ``steps``."""
+
+    def validate(self, epoch: int, final: bool) -> dict[str, float]:
+        """Validation scores after ``epoch`` (1-based) with the selection score under ``val_dice``; ``{}`` when
+        this epoch is not validated. ``final``: the last epoch of the run."""
+
+    def selected_weights(self) -> dict[str, torch.Tensor]:
+        """The weights a better validation score keeps (e.g. the EMA copy)."""
+
+    def state(self, **extra: Any) -> dict[str, Any]:
+        """The full training state plus ``extra``."""
+
+
+def snapshot(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached copy of a state dict."""
+    return {k: v.detach().clone() for k, v in weights.items()}
+
+
+def fit(trainer: Trainer, section: dict[str, Any], run: RunState, out_dir: str | os.PathLike,
+        **saved: Any) -> dict[str, Any]:
+    """Train ``trainer`` from ``run`` until ``section['epochs']``, patience or ``section['max_minutes']``.
+
+    After every epoch the full state (with ``saved``: config hash, config, ...) goes to ``<kind>_state.pt`` and
+    the curves to ``<kind>_curves.csv``; at the end the final state is also written to ``<kind>.pt`` and returned.
+    """
+    out_dir, kind = Path(out_dir), trainer.kind
+    if run.best_model is None:
+        run.best_model = snapshot(trainer.selected_weights())
+    stop = StopRule(section["patience"], section["max_minutes"], run.seconds)
+    stopped = None
+    while run.epoch < section["epochs"] and stopped is None:
+        started = stop.seconds
+        losses = trainer.run_epoch(run.epoch)
+        train_seconds = stop.seconds - started
+        run.epoch += 1
+        run.step += losses.pop("steps")
+        scores = trainer.validate(run.epoch, final=run.epoch == section["epochs"] or stop.time_up)
+        if scores and scores["val_dice"] > run.best_val_dice:
+            run.best_val_dice, run.best_epoch, run.best_scores = scores["val_dice"], run.epoch, scores
+            run.best_model = snapshot(trainer.selected_weights())
+        row = {"epoch": run.epoch, "step": run.step, **losses, **scores, "seconds": stop.seconds - started,
+               "slices_per_s": trainer.n_slices / max(train_seconds, 1e-9)}
+        run.curves.append(row)
+        run.seconds = stop.seconds
+        log.info("%s epoch %d/%d: %s |%s | %.1f s, %.1f slices/s", kind, run.epoch, section["epochs"],
+                 " ".join(f"{k} {v:.4g}" for k, v in losses.items()),
+                 "".join(f" {k} {v:.4f}" for k, v in scores.items()), row["seconds"], row["slices_per_s"])
+        stopped = stop.reason(run.epoch, run.best_epoch)
+        save_state(out_dir / f"{kind}_state.pt", trainer.state(**saved, **run.as_state()))
+        write_curves(out_dir / f"{kind}_curves.csv", run.curves)
+    if stopped:
+        log.info("%s: stopped after epoch %d: %s", kind, run.epoch, stopped)
+    final = trainer.state(**saved, **run.as_state(), stopped=stopped)
+    save_state(out_dir / f"{kind}_state.pt", final)
+    save_state(out_dir / f"{kind}.pt", final)
+    write_curves(out_dir / f"{kind}_curves.csv", run.curves)
+    log.info("%s: best validation score %.4f at epoch %d; %.0f s in total", kind, run.best_val_dice,
+             run.best_epoch, run.seconds)
+    return final

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from nnqc_pipe.device import resolve_device
 from nnqc_pipe.models.autoencoder import build_autoencoder, latent_factor
+from nnqc_pipe.models.device import resolve_device
 from nnqc_pipe.models.ldm import ConditionalLDM, ddim_scheduler, spatial_condition
 
 
@@ -156,13 +156,3 @@ def slice_uncertainty(samples: torch.Tensor, candidate: torch.Tensor) -> torch.T
     entropy = -(mean * torch.log(mean.clamp_min(1e-8))).sum(1) / math.log(samples.shape[2])
     region = (samples.argmax(2) > 0).any(1) | (candidate > 0)
     return (entropy * region).sum((1, 2)) / region.sum((1, 2)).clamp_min(1)
-
-
-def class_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
-    """Dice per foreground class (1..C-1) between two class-index arrays; both empty -> 1, one empty -> 0."""
-    scores = np.empty(n_classes - 1, dtype=np.float64)
-    for c in range(1, n_classes):
-        a, b = pred == c, truth == c
-        total = int(a.sum()) + int(b.sum())
-        scores[c - 1] = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-    return scores

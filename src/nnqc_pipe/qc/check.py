@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .embed import embed_subject
-from .infer import infer_subject, save_inference
-from .io import read_json
-from .metrics import compute_metrics
-from .preprocess import indices_to_values, preprocess_subject, save_preprocessed, spacing_from_record
-from .sampling import load_models
+from nnqc_pipe.data.io import read_json
+from nnqc_pipe.data.preprocess import indices_to_values, preprocess_subject, save_preprocessed, spacing_from_record
+from nnqc_pipe.models.embed import embed_subject
+from nnqc_pipe.models.pgt import load_models
+from nnqc_pipe.qc.infer import infer_subject, save_inference
+from nnqc_pipe.qc.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
 

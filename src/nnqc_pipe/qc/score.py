@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .io import check_same_grid, load_volume, read_label_array, spacing_of
-from .metrics import compute_metrics, compute_slice_metrics
-from .preprocess import original_slice_order
-from .report import score_rows
+from nnqc_pipe.data.io import check_same_grid, load_volume, read_label_array, spacing_of
+from nnqc_pipe.data.preprocess import original_slice_order
+from nnqc_pipe.qc.metrics import compute_metrics, compute_slice_metrics
+from nnqc_pipe.report.tables import score_rows
 
 
 def _load_on_grid(path: str | os.PathLike, reference: nib.Nifti1Image, subject: str, values: list[int],

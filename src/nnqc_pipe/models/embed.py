@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from nnqc_pipe.device import resolve_device
-from nnqc_pipe.io import write_npz
+from nnqc_pipe.data.io import write_npz
+from nnqc_pipe.models.device import resolve_device
 from nnqc_pipe.models.experts import VisionExpert, load_vision_expert
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,6 @@ import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from monai.metrics.utils import get_surface_distance
 from scipy import ndimage
 
 METRICS: tuple[str, ...] = ("dsc", "hd95_mm", "nsd", "iou", "ravd")
@@ -122,8 +121,8 @@ def sample_disagreement(
         for a, b in itertools.combinations(masks, 2):
             inter = np.logical_and(a, b).sum(axis=(1, 2))
             size_a, size_b = a.sum(axis=(1, 2)), b.sum(axis=(1, 2))
-            slice_dsc.append(_dice(inter, size_a, size_b))
-            volume_dsc.append(_dice(inter.sum(), size_a.sum(), size_b.sum()))
+            slice_dsc.append(dice_from_counts(inter, size_a, size_b))
+            volume_dsc.append(dice_from_counts(inter.sum(), size_a.sum(), size_b.sum()))
         out[(name, None)] = float(1.0 - np.mean(volume_dsc))
         for index, value in enumerate(1.0 - np.mean(slice_dsc, axis=0)):
             out[(name, index)] = float(value)
@@ -220,7 +219,7 @@ def _batch_scores(
         ravd_if_ref_empty = np.where(cand_n > 0, np.nan, 0.0)
         ravd = np.where(ref_n > 0, np.abs(cand_n - ref_n) / np.maximum(ref_n, 1), ravd_if_ref_empty)
     return {
-        "dsc": _dice(inter, cand_n, ref_n),
+        "dsc": dice_from_counts(inter, cand_n, ref_n),
         "hd95_mm": hd95,
         "nsd": nsd,
         "iou": iou,
@@ -232,10 +231,23 @@ def _batch_scores(
     }
 
 
-def _dice(inter: np.ndarray, size_a: np.ndarray, size_b: np.ndarray) -> np.ndarray:
-    """Dice from counts, 1 where both masks are empty."""
-    total = np.asarray(size_a + size_b)
-    return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
+def dice_from_counts(intersection: np.ndarray, size_a: np.ndarray, size_b: np.ndarray) -> np.ndarray:
+    """Vectorised DSC from voxel counts: 2·|A∩B| / (|A| + |B|), 1 where both masks are empty (0 where one is)."""
+    total = np.asarray(size_a, dtype=np.float64) + np.asarray(size_b, dtype=np.float64)
+    return np.where(total > 0, 2.0 * np.asarray(intersection, dtype=np.float64) / np.maximum(total, 1.0), 1.0)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """DSC of two boolean masks of one shape; both empty → 1.0, exactly one empty → 0.0 (never NaN)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    return float(dice_from_counts(np.count_nonzero(a & b), np.count_nonzero(a), np.count_nonzero(b)))
+
+
+def class_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
+    """DSC per foreground class ``1..n_classes-1`` of two class-index arrays (conventions of :func:`dice`)."""
+    return np.array([dice(pred == c, truth == c) for c in range(1, n_classes)], dtype=np.float64)
 
 
 def _surface_scores(
@@ -247,6 +259,8 @@ def _surface_scores(
     the border), in one batched erosion with no coupling between items; the distances between edges come
     from MONAI's ``get_surface_distance`` per pair. Cropping to bounding boxes first changes neither.
     """
+    from monai.metrics.utils import get_surface_distance  # imports torch: only when distances are needed
+
     batch_box = _bounding_boxes(np.any(cand[items] | ref[items], axis=0)[None])[0]
     cand_crop = cand[(slice(None), *batch_box)][items]
     ref_crop = ref[(slice(None), *batch_box)][items]

@@ -236,9 +236,54 @@ def required_divisor(cfg: dict[str, Any]) -> int:
     return 2 ** (len(cfg["vae"]["channels"]) - 1) * 2 ** (len(cfg["ldm"]["channels"]) - 1)
 
 
+def check_overrides(overrides: dict[str, Any], preset_name: str, where: str = "model") -> None:
+    """Reject, naming the key, an override the preset does not have or of another type than the preset's value.
+
+    Called when the workflow starts (``rules/common.smk``), so that ``model: {ldm: {epoch: 3}}`` stops the run
+    before any job instead of failing in the training job. A preset value of ``None`` accepts any type; ints
+    are accepted where floats are expected.
+    """
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
+    _check_against(overrides, PRESETS[preset_name], where, preset_name)
+
+
+def _check_against(overrides: dict[str, Any], reference: dict[str, Any], where: str, preset_name: str) -> None:
+    if not isinstance(overrides, dict):
+        raise ValueError(f"config key {where} must be a mapping, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        path = f"{where}.{key}"
+        if key not in reference:
+            raise ValueError(f"config key {path} is not a field of preset {preset_name!r}; "
+                             f"known keys under {where}: {sorted(reference)}")
+        expected = reference[key]
+        if isinstance(expected, dict):
+            _check_against(value, expected, path, preset_name)
+        elif expected is not None and value is not None and not _same_kind(value, expected):
+            raise ValueError(f"config key {path} must be {type(expected).__name__} like the preset's "
+                             f"{expected!r}, got {value!r}")
+
+
+def _same_kind(value: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(expected, bool)
+    if isinstance(expected, float):
+        return isinstance(value, int | float)
+    return isinstance(value, type(expected))
+
+
 def plan_overrides(config: dict[str, Any]) -> dict[str, Any]:
     """The config's ``plan`` section with ``divisor: auto`` replaced by the preset networks' downsampling factor."""
     overrides = dict(config["plan"])
     if overrides["divisor"] == "auto":
         overrides["divisor"] = required_divisor(deep_merge(PRESETS[config["preset"]], config["model"]))
     return overrides
+
+
+def model_settings(settings: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """The resolved model preset from the config's ``preset``, ``model``, ``expert`` and ``perceptual_weights``."""
+    encoder = {**settings["expert"], "tiny_checkpoint": settings.get("tiny_checkpoint")}
+    overrides = deep_merge(settings["model"], {"encoder": encoder})
+    if settings.get("perceptual_weights"):
+        overrides = deep_merge(overrides, {"vae": {"perceptual": {"weights": settings["perceptual_weights"]}}})
+    return resolve(settings["preset"], overrides, plan)

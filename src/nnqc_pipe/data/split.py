@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path, read_json
+from nnqc_pipe.data.io import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 

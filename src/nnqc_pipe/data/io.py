@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 AFFINE_TOLERANCE_MM = 1e-3
 
 
+PathLike = str | os.PathLike
+
+
 class InputError(ValueError):
     """A problem with one subject's input files; the message names the subject and the file."""
 
@@ -248,6 +251,7 @@ def load_mask_on_grid(
     return read_label_array(img, subject, path, allowed)
 
 
-def spacing_of(img: nib.Nifti1Image) -> tuple[float, float, float]:
+def spacing_of(img_or_affine: nib.Nifti1Image | np.ndarray) -> tuple[float, float, float]:
     """Voxel spacing in mm along the array axes, from the affine (not the possibly stale header zooms)."""
-    return tuple(float(v) for v in np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0)))
+    affine = np.asarray(getattr(img_or_affine, "affine", img_or_affine), dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))

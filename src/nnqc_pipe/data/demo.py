@@ -29,7 +29,7 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 
-from nnqc_pipe.io import write_nifti
+from nnqc_pipe.data.io import write_nifti
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .embed import load_embeddings
-from .io import write_nifti, write_parquet
-from .preprocess import (
+from nnqc_pipe.data.io import write_nifti, write_parquet
+from nnqc_pipe.data.preprocess import (
     Preprocessed,
     invert_probabilities,
     load_candidate,
@@ -28,7 +27,8 @@ from .preprocess import (
     to_patch_space,
     values_to_indices,
 )
-from .sampling import PGTModels, generate_pgt
+from nnqc_pipe.models.embed import load_embeddings
+from nnqc_pipe.models.pgt import PGTModels, generate_pgt
 
 log = logging.getLogger(__name__)
 

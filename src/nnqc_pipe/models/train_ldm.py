@@ -16,11 +16,11 @@ Outputs in ``out_dir``: ``ldm.pt`` (final full training state; best EMA weights 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import platform
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,41 +30,26 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from nnqc_pipe.device import resolve_device, seed_everything
-from nnqc_pipe.embed import load_embeddings
-from nnqc_pipe.io import write_json
+from nnqc_pipe import degrade
+from nnqc_pipe.data.io import file_sha256, write_json
 from nnqc_pipe.models.autoencoder import build_autoencoder, one_hot
-from nnqc_pipe.models.experts import file_sha256
+from nnqc_pipe.models.device import resolve_device, seed_everything
+from nnqc_pipe.models.embed import load_embeddings
 from nnqc_pipe.models.ldm import ConditionalLDM, noise_scheduler, toe_kwargs, unet_kwargs
-from nnqc_pipe.models.training import (
-    SliceSet,
-    StopRule,
-    batches_of,
-    load_slices,
-    load_state,
-    progress,
-    save_state,
-    seed_epoch,
-    write_curves,
-)
-from nnqc_pipe.presets import training_hash
-from nnqc_pipe.sampling import PGTModels, class_dice, generate_pgt, read_checkpoint
+from nnqc_pipe.models.pgt import PGTModels, generate_pgt, read_checkpoint
+from nnqc_pipe.models.presets import training_hash
+from nnqc_pipe.models.training import RunState, SliceSet, batches_of, fit, load_slices, load_state, progress, seed_epoch
+from nnqc_pipe.qc.metrics import class_dice
 
 log = logging.getLogger(__name__)
 
 VALIDATION_SEED = 12345
 
 
-def degrade_module() -> Any:
-    """The corruption sampler (imported lazily: it lives in its own module)."""
-    return importlib.import_module("nnqc_pipe.degrade")
-
-
 def corrupt_batch(
     labels: np.ndarray, n_classes: int, severities: Sequence[float], rng: np.random.Generator
 ) -> np.ndarray:
     """Corrupt each slice of ``labels`` [B, H, W] at its own severity."""
-    degrade = degrade_module()
     return np.stack(
         [degrade.corrupt_slice(m, n_classes, float(s), rng) for m, s in zip(labels, severities, strict=True)]
     )
@@ -169,8 +154,26 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> torch.Tens
     return torch.as_tensor((image.astype(np.float32) * gain + offset).astype(np.float32))
 
 
+@dataclass
+class LDMData:
+    """What an LDM run trains and validates on: the training slices with their scaled latents and embeddings, the
+    spatial condition of the pGT models, the validation cases and slices, the seed."""
+
+    train: SliceSet
+    latents: torch.Tensor
+    embeddings: dict | None
+    models: PGTModels
+    cases: list[dict[str, Any]]
+    val: SliceSet
+    val_embeddings: dict | None
+    seed: int
+
+
 class LDMTrainer:
-    """One LDM training run: the conditional UNet + ToE, its EMA copy, optimiser and warm-up schedule."""
+    """One LDM training run: the conditional UNet + ToE, its EMA copy, optimiser and warm-up schedule (a
+    :class:`nnqc_pipe.models.training.Trainer` once :meth:`attach` has given it its :class:`LDMData`)."""
+
+    kind = "ldm"
 
     def __init__(self, cfg: dict[str, Any], toe_args: dict[str, Any], device: torch.device) -> None:
         self.cfg, self.lcfg, self.device = cfg, cfg["ldm"], device
@@ -181,6 +184,28 @@ class LDMTrainer:
         warmup = max(1, int(self.lcfg["warmup_steps"]))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.noise = noise_scheduler(cfg)
+        self.data: LDMData | None = None
+        self.n_slices = 0
+
+    def attach(self, data: LDMData) -> None:
+        """The data of the run."""
+        self.data, self.n_slices = data, len(data.train)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch over the attached training slices."""
+        d = self.data
+        return self.train_epoch(d.train, d.latents, d.embeddings, d.models.condition, epoch, d.seed)
+
+    def validate(self, epoch: int, final: bool) -> dict[str, float]:
+        """pGT Dice of the validation cases every ``ldm.val_every`` epochs and at the end; ``{}`` otherwise."""
+        if epoch % self.lcfg["val_every"] and not final:
+            return {}
+        self.data.models.ldm.eval()
+        return validate(self.data.models, self.data.cases, self.data.val, self.data.val_embeddings, self.cfg)
+
+    def selected_weights(self) -> dict[str, torch.Tensor]:
+        """The EMA weights (what inference uses)."""
+        return self.ema.module.state_dict()
 
     def load(self, state: dict[str, Any]) -> None:
         """Restore model, EMA, optimiser and LR schedule from a saved state."""
@@ -205,7 +230,7 @@ class LDMTrainer:
         contrast edges rather than one cohort's exact intensities.
         """
         rng = seed_epoch(seed, epoch, stream=1)
-        severity = degrade_module().sample_severity
+        severity = degrade.sample_severity
         self.model.train()
         batches = batches_of(rng.permutation(len(data)), self.lcfg["batch_size"])
         total = 0.0
@@ -384,96 +409,20 @@ def train_ldm(
     )
     trainer = LDMTrainer(cfg, toe_kwargs(cfg, **dims), dev)
     latents = encode_latents(vae, train.label, n_classes, dev)
-    book: dict[str, Any] = {
-        "epoch": 0,
-        "step": 0,
-        "best_val_dice": -1.0,
-        "best_epoch": 0,
-        "best_scores": {},
-        "curves": [],
-        "seconds": 0.0,
-        "scale_factor": float(1.0 / latents.std()),
-    }
-    best_model = {k: v.detach().clone() for k, v in trainer.ema.module.state_dict().items()}
+    run = RunState(extra={"scale_factor": float(1.0 / latents.std())})
     state = load_state(out_dir / "ldm_state.pt", run_hash)
     if state is not None:
         trainer.load(state)
-        best_model = state["best_model"]
-        book = {k: state[k] for k in book}
-    latents = latents * book["scale_factor"]
+        run = RunState.from_state(state, extra_keys=("scale_factor",))
+    scale = run.extra["scale_factor"]
     cases = validation_cases(val, cfg, seed)
-    book["candidate_scores"] = candidate_scores(cases, n_classes)
-    models = PGTModels(vae=vae, ldm=trainer.ema.module, scale_factor=book["scale_factor"], cfg=cfg, device=dev)
-    log.info(
-        "ldm: %d training slices, %d validation cases, scale factor %.4f, mode %s, encoder %s, device %s",
-        len(train),
-        len(cases),
-        book["scale_factor"],
-        cfg["experts"]["mode"],
-        encoder.get("architecture", "unused"),
-        dev,
-    )
-    log.info("ldm: validation candidates' own Dice %s", book["candidate_scores"])
-
-    lcfg = cfg["ldm"]
-    stop = StopRule(lcfg["patience"], lcfg["max_minutes"], book["seconds"])
-    stopped = None
-    while book["epoch"] < lcfg["epochs"] and stopped is None:
-        started = stop.seconds
-        losses = trainer.train_epoch(train, latents, train_e, models.condition, book["epoch"], seed)
-        train_seconds = stop.seconds - started
-        book["epoch"] += 1
-        book["step"] += losses.pop("steps")
-        scores: dict[str, float] = {}
-        if book["epoch"] % lcfg["val_every"] == 0 or book["epoch"] == lcfg["epochs"] or stop.time_up:
-            models.ldm.eval()
-            scores = validate(models, cases, val, val_e, cfg)
-            if scores["val_dice"] > book["best_val_dice"]:
-                book["best_val_dice"], book["best_epoch"], book["best_scores"] = (
-                    scores["val_dice"],
-                    book["epoch"],
-                    scores,
-                )
-                best_model = {k: v.detach().clone() for k, v in trainer.ema.module.state_dict().items()}
-        row = {
-            "epoch": book["epoch"],
-            "step": book["step"],
-            **losses,
-            **scores,
-            "seconds": stop.seconds - started,
-            "slices_per_s": len(train) / max(train_seconds, 1e-9),
-        }
-        book["curves"].append(row)
-        book["seconds"] = stop.seconds
-        log.info(
-            "ldm epoch %d/%d: loss %.4f%s | %.1f s, %.1f slices/s",
-            book["epoch"],
-            lcfg["epochs"],
-            losses["loss"],
-            "".join(f" {k} {v:.4f}" for k, v in scores.items()),
-            row["seconds"],
-            row["slices_per_s"],
-        )
-        stopped = stop.reason(book["epoch"], book["best_epoch"])
-        save_state(
-            out_dir / "ldm_state.pt",
-            trainer.state(config_hash=run_hash, cfg=cfg, best_model=best_model, **book),
-        )
-        write_curves(out_dir / "ldm_curves.csv", book["curves"])
-    if stopped:
-        log.info("ldm: stopped after epoch %d: %s", book["epoch"], stopped)
-    final = trainer.state(
-        config_hash=run_hash, cfg=cfg, best_model=best_model, stopped=stopped, encoder=encoder, **book
-    )
-    save_state(out_dir / "ldm_state.pt", final)
-    save_state(out_dir / "ldm.pt", final)
-    write_curves(out_dir / "ldm_curves.csv", book["curves"])
+    run.extra["candidate_scores"] = candidate_scores(cases, n_classes)
+    models = PGTModels(vae=vae, ldm=trainer.ema.module, scale_factor=scale, cfg=cfg, device=dev)
+    trainer.attach(LDMData(train, latents * scale, train_e, models, cases, val, val_e, seed))
+    log.info("ldm: %d training slices, %d validation cases, scale factor %.4f, mode %s, encoder %s, device %s",
+             len(train), len(cases), scale, cfg["experts"]["mode"], encoder.get("architecture", "unused"), dev)
+    log.info("ldm: validation candidates' own Dice %s", run.extra["candidate_scores"])
+    final = fit(trainer, cfg["ldm"], run, out_dir, config_hash=run_hash, cfg=cfg, encoder=encoder)
     params = {"vae": _count(vae), "ldm": _count(trainer.model)}
     checkpoints = {"vae.pt": Path(vae_path), "ldm.pt": out_dir / "ldm.pt"}
     write_json(model_card(cfg, vae_ckpt, final, encoder, checkpoints, dev, params), out_dir / "model_card.json")
-    log.info(
-        "ldm: best validation pGT Dice %.4f at epoch %d; %.0f s in total",
-        book["best_val_dice"],
-        book["best_epoch"],
-        book["seconds"],
-    )

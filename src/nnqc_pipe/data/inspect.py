@@ -16,7 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .io import InputError, check_same_grid, load_volume, read_image_array, read_label_array, spacing_of
+from nnqc_pipe.data.io import InputError, check_same_grid, load_volume, read_image_array, read_label_array, spacing_of
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 from scipy import ndimage
 
-from .io import (
+from nnqc_pipe.data.io import (
     check_same_grid,
     load_mask_on_grid,
     load_volume,
@@ -68,7 +68,7 @@ def from_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def ras_spacing(affine: np.ndarray) -> list[float]:
     """Voxel spacing along the RAS-reoriented axes."""
     ornt = io_orientation(affine)
-    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    spacing = spacing_of(affine)
     out = [0.0, 0.0, 0.0]
     for src_axis, (dst_axis, _) in enumerate(ornt):
         out[int(dst_axis)] = float(spacing[src_axis])
@@ -348,4 +348,4 @@ def original_slice_order(record: dict[str, Any]) -> tuple[int, np.ndarray]:
 
 def spacing_from_record(record: dict[str, Any]) -> tuple[float, float, float]:
     """Original voxel spacing (array order) from a record."""
-    return spacing_of(nib.Nifti1Image(np.empty((1, 1, 1), np.uint8), np.asarray(record["orig_affine"])))
+    return spacing_of(np.asarray(record["orig_affine"]))

@@ -1,7 +1,7 @@
 """Aggregation of per-subject scores into the Parquet report, and plots for Snakemake's HTML report.
 
 Input: one scores table per (source, subject), ``scores/{source}/{subject}.parquet``, built by
-:func:`score_rows` from :mod:`nnqc_pipe.metrics` rows. ``predicted_<metric>`` scores the candidate against
+:func:`score_rows` from :mod:`nnqc_pipe.qc.metrics` rows. ``predicted_<metric>`` scores the candidate against
 the pseudo ground truth (what nnQC predicts), ``real_<metric>`` against the ground truth (NaN when the subject
 has none). Output (see DESIGN.md, "Report schema"): ``subjects``, ``slices``, ``summary`` and ``ranking``
 tables, each written with the caller's provenance metadata (pipeline version, config and checkpoint hashes).
@@ -31,11 +31,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from scipy import stats
 
-from .io import atomic_path, concat_parquet, write_parquet
-from .metrics import FLAGS, FOREGROUND, HIGHER_IS_BETTER, METRICS
+from nnqc_pipe.data.io import concat_parquet, write_parquet
+from nnqc_pipe.qc.metrics import FLAGS, FOREGROUND, HIGHER_IS_BETTER, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ def score_rows(
     slice_ratio: Sequence[float] | np.ndarray | None,
     uncertainty: Mapping[tuple[str, int | None], float] | None = None,
 ) -> pd.DataFrame:
-    """The scores table of one (source, subject) from :mod:`nnqc_pipe.metrics` rows.
+    """The scores table of one (source, subject) from :mod:`nnqc_pipe.qc.metrics` rows.
 
     ``predicted_rows``/``real_rows`` are ``compute_metrics(...) + compute_slice_metrics(...)`` of the
     candidate against the pseudo-GT and against the GT (``real_rows`` is None when the subject has no GT;
@@ -408,57 +407,3 @@ def _single_tau(ranking: pd.DataFrame) -> float | None:
     """The cohort's Kendall τ for the metadata (None when undefined: JSON has no NaN)."""
     values = ranking["kendall_tau"].dropna().unique()
     return float(values[0]) if values.size else None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------------------
-
-
-def plot_predicted_vs_real(
-    subjects: pd.DataFrame, metric: str, path: str | os.PathLike, label: str = FOREGROUND
-) -> None:
-    """Scatter of predicted vs real ``metric`` per subject, one colour per source, with the identity line."""
-    rows = subjects[subjects["label"] == label]
-    pred_col, real_col = f"{PREDICTED}_{metric}", f"{REAL}_{metric}"
-    rows = rows[np.isfinite(rows[pred_col]) & np.isfinite(rows[real_col])]
-    fig = Figure(figsize=(5.5, 5))
-    ax = fig.add_subplot()
-    if rows.empty:
-        ax.text(0.5, 0.5, "no subjects with ground truth", ha="center", va="center", transform=ax.transAxes)
-    else:
-        for source, group in rows.groupby("source", sort=True):
-            ax.scatter(group[real_col], group[pred_col], s=14, alpha=0.7, label=str(source))
-        low = float(min(rows[pred_col].min(), rows[real_col].min()))
-        high = float(max(rows[pred_col].max(), rows[real_col].max()))
-        ax.plot([low, high], [low, high], color="black", linewidth=1, linestyle="--", label="identity")
-        ax.legend(fontsize="small")
-    ax.set_xlabel(f"real {metric} ({label})")
-    ax.set_ylabel(f"predicted {metric} ({label})")
-    ax.set_title(f"Predicted vs real {metric}")
-    save_figure(fig, path)
-
-
-def plot_mae_per_level(summary: pd.DataFrame, path: str | os.PathLike, label: str = FOREGROUND) -> None:
-    """Bars of MAE ± std (predicted vs real) per source and pool, one panel per metric, for ``label``."""
-    rows = summary[(summary["label"] == label) & (summary["n"] > 0)]
-    metrics = [m for m in METRICS if m in set(rows["metric"])]
-    fig = Figure(figsize=(4 * max(len(metrics), 1), 4))
-    if not metrics:
-        ax = fig.add_subplot()
-        ax.text(0.5, 0.5, "no subjects with ground truth", ha="center", va="center", transform=ax.transAxes)
-    for i, metric in enumerate(metrics):
-        ax = fig.add_subplot(1, len(metrics), i + 1)
-        data = rows[rows["metric"] == metric]
-        positions = np.arange(len(data))
-        ax.bar(positions, data["mae"], yerr=data["mae_std"].fillna(0.0), capsize=3)
-        ax.set_xticks(positions, data["source"], rotation=45, ha="right", fontsize="small")
-        ax.set_title(f"MAE {metric} ({label})")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig: Figure, path: str | os.PathLike) -> None:
-    """Save a figure atomically, the format taken from the file extension (png, svg, pdf)."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower(), dpi=120, bbox_inches="tight")

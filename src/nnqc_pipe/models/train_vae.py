@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from monai.losses import GeneralizedDiceLoss, PatchAdversarialLoss
 
-from nnqc_pipe.device import resolve_device, seed_everything
 from nnqc_pipe.models.autoencoder import (
     autoencoder_kwargs,
     build_autoencoder,
@@ -29,28 +28,25 @@ from nnqc_pipe.models.autoencoder import (
     kl_divergence,
     one_hot,
 )
-from nnqc_pipe.models.training import (
-    SliceSet,
-    StopRule,
-    batches_of,
-    load_slices,
-    load_state,
-    progress,
-    save_state,
-    seed_epoch,
-    write_curves,
-)
-from nnqc_pipe.presets import training_hash
-from nnqc_pipe.sampling import class_dice
+from nnqc_pipe.models.device import resolve_device, seed_everything
+from nnqc_pipe.models.presets import training_hash
+from nnqc_pipe.models.training import RunState, SliceSet, batches_of, fit, load_slices, load_state, progress, seed_epoch
+from nnqc_pipe.qc.metrics import class_dice
 
 log = logging.getLogger(__name__)
 
 
 class VAETrainer:
-    """One VAE-GAN training run: networks, optimisers and losses, with a resumable state."""
+    """One VAE-GAN training run: networks, optimisers and losses, with a resumable state (a
+    :class:`nnqc_pipe.models.training.Trainer` once :meth:`attach` has given it its data)."""
+
+    kind = "vae"
 
     def __init__(self, cfg: dict[str, Any], device: torch.device) -> None:
         self.cfg, self.vcfg, self.device = cfg, cfg["vae"], device
+        self.train_set: SliceSet | None = None
+        self.val_labels: np.ndarray | None = None
+        self.seed, self.n_slices = 0, 0
         self.ae_kwargs = autoencoder_kwargs(cfg)
         self.ae = build_autoencoder(self.ae_kwargs).to(device)
         self.disc = build_discriminator(cfg).to(device)
@@ -64,6 +60,22 @@ class VAETrainer:
         )
         if self.perceptual is not None:
             self.perceptual.to(device)
+
+    def attach(self, train: SliceSet, val_labels: np.ndarray, seed: int) -> None:
+        """The training slices, the validation labels and the seed of the run."""
+        self.train_set, self.val_labels, self.seed, self.n_slices = train, val_labels, seed, len(train)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch over the attached training slices."""
+        return self.train_epoch(self.train_set, epoch, self.seed)
+
+    def validate(self, epoch: int, final: bool) -> dict[str, float]:
+        """Reconstruction Dice of the attached validation labels, after every epoch."""
+        return {"val_dice": self.reconstruction_dice(self.val_labels)}
+
+    def selected_weights(self) -> dict[str, torch.Tensor]:
+        """The autoencoder's weights."""
+        return self.ae.state_dict()
 
     def load(self, state: dict[str, Any]) -> None:
         """Restore networks and optimisers from a saved state."""
@@ -118,7 +130,7 @@ class VAETrainer:
         return loss.item()
 
     @torch.inference_mode()
-    def validate(self, labels: np.ndarray) -> float:
+    def reconstruction_dice(self, labels: np.ndarray) -> float:
         """Mean foreground-class Dice of the reconstructions (decoded latent means) of ``labels``."""
         self.ae.eval()
         recon = []
@@ -167,73 +179,12 @@ def train_vae(
     val_labels = validation_labels(val, cfg["vae"]["val_max_slices"], seed)
     run_hash = training_hash(cfg, "vae", {"train": train.names, "val": val.names, "seed": seed})
     trainer = VAETrainer(cfg, dev)
+    trainer.attach(train, val_labels, seed)
     state = load_state(out_dir / "vae_state.pt", run_hash)
-    book: dict[str, Any] = {
-        "epoch": 0,
-        "step": 0,
-        "best_val_dice": -1.0,
-        "best_epoch": 0,
-        "curves": [],
-        "seconds": 0.0,
-    }
-    best_model = {k: v.detach().clone() for k, v in trainer.ae.state_dict().items()}
+    run = RunState()
     if state is not None:
         trainer.load(state)
-        best_model = state["best_model"]
-        book = {k: state[k] for k in book}
-    log.info(
-        "vae: %d training / %d validation slices, %s, device %s",
-        len(train),
-        len(val_labels),
-        cfg["preset"],
-        dev,
-    )
-    stop = StopRule(cfg["vae"]["patience"], cfg["vae"]["max_minutes"], book["seconds"])
-    stopped = None
-    while book["epoch"] < cfg["vae"]["epochs"] and stopped is None:
-        started = stop.seconds
-        losses = trainer.train_epoch(train, book["epoch"], seed)
-        train_seconds = stop.seconds - started
-        val_dice = trainer.validate(val_labels)
-        book["epoch"] += 1
-        book["step"] += losses.pop("steps")
-        if val_dice > book["best_val_dice"]:
-            book["best_val_dice"], book["best_epoch"] = val_dice, book["epoch"]
-            best_model = {k: v.detach().clone() for k, v in trainer.ae.state_dict().items()}
-        row = {
-            "epoch": book["epoch"],
-            "step": book["step"],
-            **losses,
-            "val_dice": val_dice,
-            "seconds": stop.seconds - started,
-            "slices_per_s": len(train) / max(train_seconds, 1e-9),
-        }
-        book["curves"].append(row)
-        book["seconds"] = stop.seconds
-        log.info(
-            "vae epoch %d/%d: %s | val Dice %.4f | %.1f s, %.1f slices/s",
-            book["epoch"],
-            cfg["vae"]["epochs"],
-            " ".join(f"{k} {v:.4g}" for k, v in losses.items()),
-            val_dice,
-            row["seconds"],
-            row["slices_per_s"],
-        )
-        stopped = stop.reason(book["epoch"], book["best_epoch"])
-        save_state(
-            out_dir / "vae_state.pt",
-            trainer.state(config_hash=run_hash, cfg=cfg, best_model=best_model, **book),
-        )
-        write_curves(out_dir / "vae_curves.csv", book["curves"])
-    if stopped:
-        log.info("vae: stopped after epoch %d: %s", book["epoch"], stopped)
-    final = trainer.state(config_hash=run_hash, cfg=cfg, best_model=best_model, stopped=stopped, **book)
-    save_state(out_dir / "vae_state.pt", final)
-    save_state(out_dir / "vae.pt", final)
-    write_curves(out_dir / "vae_curves.csv", book["curves"])
-    log.info(
-        "vae: best validation Dice %.4f at epoch %d; %.0f s in total",
-        book["best_val_dice"],
-        book["best_epoch"],
-        book["seconds"],
-    )
+        run = RunState.from_state(state)
+    log.info("vae: %d training / %d validation slices, %s, device %s", len(train), len(val_labels), cfg["preset"],
+             dev)
+    fit(trainer, cfg["vae"], run, out_dir, config_hash=run_hash, cfg=cfg)

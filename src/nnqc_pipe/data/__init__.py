@@ -1,0 +1,1 @@
+"""Cohort data: file IO, the demo phantoms, ingestion, split, fingerprint, plan and invertible preprocessing."""

@@ -1,0 +1,1 @@
+"""The report: Parquet tables with provenance metadata, and figures for the HTML report."""

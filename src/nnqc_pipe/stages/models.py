@@ -1,0 +1,102 @@
+"""Stages of ``rules/models.smk``: the vision expert's embeddings (cached once), the VAE-GAN and the LDM.
+
+Torch is imported inside the functions, so that importing this module (the command line does) stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from nnqc_pipe.chunks import fill, record_row, run_chunk, write_chunk_record
+from nnqc_pipe.data.io import PathLike, read_json
+from nnqc_pipe.data.split import read_split
+
+log = logging.getLogger(__name__)
+
+
+def _role_files(split_tsv: PathLike, folder: PathLike, suffix: str, role: str) -> list[str]:
+    return [str(Path(folder) / f"{s}{suffix}") for s in read_split(split_tsv)[role]]
+
+
+def embed(subjects: list[str], npz: str, plan_json: PathLike, settings: dict[str, Any], out: str,
+          record: PathLike, device: str = "auto") -> None:
+    """Cache the frozen vision expert's embeddings of every slice of a chunk of subjects (expert loaded once).
+
+    Args:
+        subjects: the chunk's subjects.
+        npz: preprocessed .npz path pattern with {subject}.
+        plan_json: the cohort's plan.json.
+        settings: JSON object of the config's model settings (preset, model, expert, perceptual_weights).
+        out: embeddings path pattern with {subject}.
+        record: the chunk record to write.
+        device: auto (CUDA when present), cpu or cuda.
+    """
+    from nnqc_pipe.models.device import resolve_device
+    from nnqc_pipe.models.embed import embed_with
+    from nnqc_pipe.models.experts import load_vision_expert
+    from nnqc_pipe.models.presets import model_settings
+
+    cfg = model_settings(settings, read_json(plan_json))["encoder"]
+    expert = load_vision_expert(cfg, resolve_device(device), fallback_dir=Path(fill(out, subject="_")).parent)
+    batch_size = int(cfg.get("batch_size", 32))
+
+    def work(subject: str) -> list[dict[str, Any]]:
+        path = fill(out, subject=subject)
+        embed_with(expert, fill(npz, subject=subject), path, batch_size)
+        return [record_row(subject, "embeddings", path)]
+
+    rows = run_chunk(subjects, work, lambda s: f"subject {s!r} ({fill(npz, subject=s)})", "embed")
+    write_chunk_record(rows, record)
+
+
+def train_vae(split_tsv: PathLike, preprocessed_dir: PathLike, plan_json: PathLike, settings: dict[str, Any],
+              out_dir: PathLike, device: str = "auto", seed: int = 0) -> None:
+    """Train (or resume) the VAE-GAN on the training subjects' GT slices.
+
+    Args:
+        split_tsv: the split (train and val subjects).
+        preprocessed_dir: folder of the preprocessed {subject}.npz files.
+        plan_json: the cohort's plan.json.
+        settings: JSON object of the config's model settings.
+        out_dir: models folder (vae.pt, vae_curves.csv).
+        device: auto, cpu or cuda.
+        seed: training seed.
+    """
+    from nnqc_pipe.models.presets import model_settings
+    from nnqc_pipe.models.train_vae import train_vae as train_vae_model
+
+    plan_ = read_json(plan_json)
+    train_vae_model(_role_files(split_tsv, preprocessed_dir, ".npz", "train"),
+                    _role_files(split_tsv, preprocessed_dir, ".npz", "val"),
+                    plan_, model_settings(settings, plan_), out_dir, device, seed)
+
+
+def train_ldm(split_tsv: PathLike, preprocessed_dir: PathLike, embeddings_dir: PathLike, plan_json: PathLike,
+              settings: dict[str, Any], vae: PathLike, out_dir: PathLike, device: str = "auto",
+              seed: int = 0) -> None:
+    """Train (or resume) the conditioned latent diffusion model.
+
+    Args:
+        split_tsv: the split (train and val subjects).
+        preprocessed_dir: folder of the preprocessed {subject}.npz files.
+        embeddings_dir: folder of the cached {subject}.npz embeddings.
+        plan_json: the cohort's plan.json.
+        settings: JSON object of the config's model settings.
+        vae: the trained vae.pt.
+        out_dir: models folder (ldm.pt, ldm_curves.csv, model_card.json).
+        device: auto, cpu or cuda.
+        seed: training seed.
+    """
+    from nnqc_pipe.models.presets import model_settings
+    from nnqc_pipe.models.train_ldm import train_ldm as train_ldm_model
+
+    plan_ = read_json(plan_json)
+    train_ldm_model(
+        _role_files(split_tsv, preprocessed_dir, ".npz", "train"),
+        _role_files(split_tsv, preprocessed_dir, ".npz", "val"),
+        _role_files(split_tsv, embeddings_dir, ".npz", "train"),
+        _role_files(split_tsv, embeddings_dir, ".npz", "val"),
+        plan_, model_settings(settings, plan_), vae, out_dir, device, seed,
+    )
