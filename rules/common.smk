@@ -13,6 +13,7 @@ from snakemake.utils import min_version, validate
 from nnqc_pipe.data import demo as demo_module
 from nnqc_pipe.chunks import CHUNK_ID_PATTERN, chunk_group, chunk_of, fill, make_chunks
 from nnqc_pipe.config import config_hash, discover_subjects, job_python_problem, label_map
+from nnqc_pipe.models.bundle import BUNDLE_FILES, MANIFEST, BundleError, check_bundle, read_bundle
 from nnqc_pipe.models.presets import check_overrides, plan_overrides
 
 min_version("9.0")
@@ -36,6 +37,23 @@ if workflow.is_main_process and DeploymentMethod.CONDA not in workflow.deploymen
         raise WorkflowError(f"{_problem}. Activate the project's environment first (`. .venv/bin/activate`, "
                             "or `make demo`), or run with --use-conda.")
 
+# qc_model: a QC model trained elsewhere (a bundle of `nnqc-pipe export-model`) replaces fingerprint, plan,
+# degradation and training; a corrupted or incompatible bundle stops the run here, naming every problem.
+QC_MODEL_SOURCE = config["qc_model"]
+QC_BUNDLE = None
+if QC_MODEL_SOURCE:
+    try:
+        # The checksums are verified once, by the main process; jobs only read the description.
+        QC_BUNDLE = check_bundle(QC_MODEL_SOURCE, config) if workflow.is_main_process else read_bundle(
+            QC_MODEL_SOURCE)
+    except BundleError as exc:
+        raise WorkflowError(str(exc)) from None
+if config["labels"] is None and not QC_MODEL_SOURCE:
+    raise WorkflowError("labels: null leaves nothing to train the QC model on; set qc_model: to a bundle "
+                        "exported from a labelled cohort (nnqc-pipe export-model results/<cohort> OUT)")
+# With qc_model, the embed jobs refuse a vision expert whose weights are not the ones the model was trained with.
+EXPERT_SHA256 = QC_BUNDLE["expert"].get("weights_sha256") if QC_BUNDLE else None
+
 COHORT = config["cohort"]
 OUT = f"{config['results']}/{COHORT}"
 LOGS = f"{OUT}/logs"
@@ -56,8 +74,12 @@ SETTINGS = {
 }
 # The plan rounds patch sizes to the preset networks' downsampling factor unless the config fixes it.
 PLAN_OVERRIDES = plan_overrides(config)
+# What the report needs from the config: its thresholds and the source selection.
+REPORT_SETTINGS = {**config["report"], "selection": config["selection"]}
 USES_IMAGE = config["model"].get("experts", {}).get("mode", "full") in ("image", "full")
-DEGRADED_SOURCES = [f"degraded_L{level}" for level in LEVELS]
+# Degraded masks (known quality) are made for the test subjects of a cohort that trains its own model.
+DEGRADED_LEVELS = [] if QC_MODEL_SOURCE else LEVELS
+DEGRADED_SOURCES = [f"degraded_L{level}" for level in DEGRADED_LEVELS]
 USER_SOURCES = dict(config["sources"])
 # Rules run `python -m nnqc_pipe`; the package is importable from this checkout in any environment.
 shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
@@ -102,11 +124,12 @@ PATTERNS = {
     "slices": f"{OUT}/pgt/{{source}}/{{subject}}.slices.parquet",
     "errors": f"{OUT}/errors/{{source}}/{{subject}}.nii.gz" if config["inference"]["save_error_maps"] else "none",
     "scores": f"{OUT}/scores/{{source}}/{{subject}}.parquet",
+    "selected": f"{OUT}/selected/{{subject}}.nii.gz",
 }
 # Candidate masks of every source: the GT, the saved degradation levels, the user's sources.
 CANDIDATES = {
     **({"gt": config["labels"]} if HAS_LABELS else {}),
-    **{f"degraded_L{level}": fill(PATTERNS["degraded"], level=level) for level in LEVELS},
+    **{f"degraded_L{level}": fill(PATTERNS["degraded"], level=level) for level in DEGRADED_LEVELS},
     **USER_SOURCES,
 }
 
@@ -253,8 +276,8 @@ def chunk_runtime(stage, minutes_per_item, base=10):
 
 
 def inspect_labels(wildcards):
-    """Label files of an inspect chunk: those that exist (ingestion reports a missing pair instead of failing);
-    the demo's are made by rule demo_cohort."""
+    """Label files of an inspect chunk: those that exist (ingestion makes an image without one unlabelled, or
+    excludes it with require_labels); the demo's are made by rule demo_cohort."""
     if not HAS_LABELS:
         return []
     files = chunk_files("label", "inspect", wildcards.chunk)
@@ -273,6 +296,18 @@ def candidate_inputs(stage, chunk):
             else:
                 files.add(fill(CANDIDATES[source], subject=subject))
     return sorted(files) + (chunk_records("degrade", degraded) if degraded else [])
+
+
+def role_label_files(stage, chunk):
+    """Label files of a chunk's subjects, for the roles that have them (none for an unlabelled chunk)."""
+    if not HAS_LABELS or chunk_group(chunk) == "unlabelled":
+        return []
+    return chunk_files("label", stage, chunk)
+
+
+def role_label_pattern(stage):
+    """The label path pattern for a chunk's params: 'none' for an unlabelled chunk (its subjects have no file)."""
+    return lambda wildcards: "none" if chunk_group(wildcards.chunk) == "unlabelled" else PATTERNS["label"]
 
 
 def training_subjects():

@@ -1,4 +1,5 @@
-# The QC report: four Parquet tables with provenance metadata, and figures for `snakemake --report`.
+# The QC report: Parquet tables with provenance metadata, the decisions (verdicts, exclusions, selection, review
+# lists), and figures for `snakemake --report`. Thresholds are params: changing them reruns this rule only.
 
 
 rule report:
@@ -7,11 +8,17 @@ rule report:
         card=f"{MODELS}/model_card.json",
         vae=f"{MODELS}/vae.pt",
         ldm=f"{MODELS}/ldm.pt",
+        plan=f"{OUT}/plan.json",
     output:
         subjects=f"{OUT}/report/subjects.parquet",
         slices=f"{OUT}/report/slices.parquet",
         summary=f"{OUT}/report/summary.parquet",
         ranking=f"{OUT}/report/ranking.parquet",
+        selection=f"{OUT}/report/selection.parquet",
+        review=f"{OUT}/report/review.parquet",
+        regions=f"{OUT}/report/error_regions.parquet",
+        exclusions=f"{OUT}/report/exclusions.tsv",
+        selected=directory(f"{OUT}/selected"),
         scatter_dsc=report(
             f"{OUT}/report/figures/predicted_vs_real_dsc.png",
             caption="report/predicted_vs_real.rst",
@@ -27,20 +34,42 @@ rule report:
             caption="report/mae_per_level.rst",
             category="Predicted vs real quality",
         ),
+        distributions=report(
+            f"{OUT}/report/figures/predicted_distributions.png",
+            caption="report/predicted_distributions.rst",
+            category="Predicted quality",
+        ),
+        verdicts=report(
+            f"{OUT}/report/figures/verdicts.png",
+            caption="report/verdicts.rst",
+            category="Decisions",
+        ),
+        risk_coverage=report(
+            f"{OUT}/report/figures/risk_coverage.png",
+            caption="report/risk_coverage.rst",
+            category="Decisions",
+        ),
         overlays=report(
             f"{OUT}/report/figures/worst_overlays.png",
             caption="report/worst_overlays.rst",
             category="Worst candidates",
         ),
+        gallery=report(
+            f"{OUT}/report/figures/review_gallery.png",
+            caption="report/review_gallery.rst",
+            category="Decisions",
+        ),
     params:
         out_dir=lambda w, output: os.path.dirname(output.subjects),
         figures_dir=lambda w, output: os.path.dirname(output.mae),
         cohort=COHORT,
-        qc_pass=config["report"]["qc_pass_dsc"],
+        settings=as_json(REPORT_SETTINGS),
         digest=CONFIG_DIGEST,
         model_dir=lambda w, input: os.path.dirname(input.ldm),
-        results_dir=lambda w, input: os.path.dirname(os.path.dirname(input.card)),
-        n_overlays=config["report"]["n_overlays"],
+        candidates=lambda w: as_json(CANDIDATES),
+        pgt=pattern("pgt"),
+        selected=pattern("selected"),
+        results_dir=lambda w, input: os.path.dirname(input.plan),
     conda:
         "../envs/nnqc.yaml"
     log:
@@ -49,6 +78,7 @@ rule report:
         f"{BENCH}/report.tsv",
     shell:
         "python -m nnqc_pipe report --score-chunks {input.scores} --out-dir {params.out_dir} --cohort {params.cohort} "
-        "--qc-pass-dsc {params.qc_pass} --config-digest {params.digest} --model-dir {params.model_dir} "
-        "--figures-dir {params.figures_dir} --results-dir {params.results_dir} --n-overlays {params.n_overlays} "
+        "--settings {params.settings:q} --config-digest {params.digest} --model-dir {params.model_dir} "
+        "--plan-json {input.plan} --candidates {params.candidates:q} --pgt {params.pgt:q} "
+        "--selected {params.selected:q} --figures-dir {params.figures_dir} --results-dir {params.results_dir} "
         "> {log} 2>&1"

@@ -385,11 +385,11 @@ def test_review_slices_empty_when_everything_passes():
 
 def test_error_regions_volumes_with_anisotropic_spacing_and_slice_ranges():
     error = np.zeros((6, 5, 5), dtype=np.uint8)
-    error[1:4, 0:2, 0:2] = 1  # 12 missed voxels on slices 1..3 of axis 0
-    error[4, 3, 3] = 1  # two voxels away from the block in-plane: a separate component
-    error[5, 4, 4] = 1  # corner neighbour of (4, 3, 3): joined to it by 26-connectivity
-    error[0, 4, 4] = 2  # one extra voxel
-    error[2:4, 4, 0:3] = 2  # 6 extra voxels
+    error[1:4, 0:2, 0:2] = 2  # 12 missed voxels on slices 1..3 of axis 0
+    error[4, 3, 3] = 2  # two voxels away from the block in-plane: a separate component
+    error[5, 4, 4] = 2  # corner neighbour of (4, 3, 3): joined to it by 26-connectivity
+    error[0, 4, 4] = 1  # one extra voxel
+    error[2:4, 4, 0:3] = 1  # 6 extra voxels
     regions = error_regions(error, spacing=(3.0, 0.5, 0.5), slice_axis=0)
     assert regions.columns.tolist() == [
         "kind",

@@ -17,13 +17,16 @@ from numpy.typing import ArrayLike
 from scipy import ndimage, stats
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
+from nnqc_pipe.qc.metrics import ERROR_CODES as METRIC_ERROR_CODES
+
 logger = logging.getLogger(__name__)
 
 KEYS = ["cohort", "source", "subject", "label"]
 VERDICTS = ("PASS", "REVIEW", "FAIL")
 PGT_SOURCE = "pgt"
 SYNTHETIC_PREFIX = "degraded_"
-ERROR_CODES: Mapping[int, str] = MappingProxyType({1: "missed", 2: "extra"})
+# The error kinds of qc.metrics.error_map (0, agreement, is not an error).
+ERROR_CODES: Mapping[int, str] = MappingProxyType({k: v for k, v in METRIC_ERROR_CODES.items() if k > 0})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -150,6 +153,12 @@ class VerdictThresholds:
             raise ValueError("need 0 < review_risk <= fail_risk <= 1")
         if self.review_uncertainty <= 0:
             raise ValueError("review_uncertainty must be positive")
+
+
+def default_thresholds(pass_dsc: float) -> VerdictThresholds:
+    """The default thresholds with ``pass_dsc`` (e.g. the report's ``qc_pass_dsc``): ``fail_dsc`` stays 0.7 unless
+    ``pass_dsc`` is that low or lower, then it sits 0.1 below it."""
+    return VerdictThresholds(pass_dsc=pass_dsc, fail_dsc=min(0.7, max(pass_dsc - 0.1, 0.0)))
 
 
 def _flag(table: pd.DataFrame, column: str) -> np.ndarray:
@@ -424,9 +433,10 @@ def error_regions(
 ) -> pd.DataFrame:
     """Connected regions of each error kind in an integer error map, largest first.
 
-    ``error_map`` codes voxels by ``codes`` (default 1 = "missed": pGT foreground the candidate lacks, 2 = "extra":
-    candidate foreground the pGT lacks). Components use full connectivity (26 neighbours in 3D) and are numbered
-    per kind from the largest. Columns: kind, component, volume_mm3 (voxels × product of ``spacing``), n_voxels,
+    ``error_map`` codes voxels by ``codes`` (default: the codes of ``qc.metrics.error_map``, 1 = "extra":
+    candidate foreground the pGT lacks, 2 = "missed": pGT foreground the candidate lacks, 3 = "class_confusion").
+    Components use full connectivity (26 neighbours in 3D) and are numbered per kind from the largest.
+    Columns: kind, component, volume_mm3 (voxels × product of ``spacing``), n_voxels,
     slice_first and slice_last (index range along ``slice_axis``), centroid_vox (voxel coordinates).
     """
     error_map = np.asarray(error_map)

@@ -29,12 +29,9 @@ from nnqc_pipe.data.preprocess import (
 )
 from nnqc_pipe.models.embed import load_embeddings
 from nnqc_pipe.models.pgt import PGTModels, generate_pgt
+from nnqc_pipe.qc.metrics import error_map
 
 log = logging.getLogger(__name__)
-
-# Values of the error map written next to each pGT.
-ERROR_CODES = {0: "agreement", 1: "candidate_only", 2: "pgt_only", 3: "class_confusion"}
-
 
 @dataclass
 class Inference:
@@ -43,16 +40,6 @@ class Inference:
     pgt: np.ndarray
     candidate: np.ndarray
     slices: pd.DataFrame
-
-
-def error_map(candidate: np.ndarray, pgt: np.ndarray) -> np.ndarray:
-    """Voxel-wise disagreement between candidate and pGT (codes in :data:`ERROR_CODES`)."""
-    out = np.zeros(candidate.shape, dtype=np.uint8)
-    cand_fg, pgt_fg = candidate > 0, pgt > 0
-    out[cand_fg & ~pgt_fg] = 1
-    out[pgt_fg & ~cand_fg] = 2
-    out[cand_fg & pgt_fg & (candidate != pgt)] = 3
-    return out
 
 
 def infer_subject(

@@ -231,6 +231,21 @@ def _batch_scores(
     }
 
 
+# Values of the error maps (candidate vs pGT) written next to each pGT and read by the review tables.
+ERROR_CODES: dict[int, str] = {0: "agreement", 1: "extra", 2: "missed", 3: "class_confusion"}
+
+
+def error_map(candidate: np.ndarray, pgt: np.ndarray) -> np.ndarray:
+    """Voxel-wise disagreement of a candidate with its pGT (codes in :data:`ERROR_CODES`): candidate-only
+    foreground ("extra"), pGT-only foreground ("missed"), different classes ("class_confusion")."""
+    out = np.zeros(candidate.shape, dtype=np.uint8)
+    cand_fg, pgt_fg = candidate > 0, pgt > 0
+    out[cand_fg & ~pgt_fg] = 1
+    out[pgt_fg & ~cand_fg] = 2
+    out[cand_fg & pgt_fg & (candidate != pgt)] = 3
+    return out
+
+
 def dice_from_counts(intersection: np.ndarray, size_a: np.ndarray, size_b: np.ndarray) -> np.ndarray:
     """Vectorised DSC from voxel counts: 2·|A∩B| / (|A| + |B|), 1 where both masks are empty (0 where one is)."""
     total = np.asarray(size_a, dtype=np.float64) + np.asarray(size_b, dtype=np.float64)

@@ -1,8 +1,9 @@
-"""Figures of the HTML report: predicted vs real scatter plots, MAE per source, overlays of the worst candidates.
+"""Figures of the HTML report: predicted vs real scatter plots, MAE per source, predicted-quality distributions,
+verdict counts, risk–coverage curves, and overlays of the worst and of the REVIEW candidates.
 
 Overlays: for each chosen (source, subject) the slice with the most candidate-vs-pGT disagreement is shown in the
-preprocessed (patch) space: the image, the pGT outline, and the error map (candidate-only voxels in red,
-pGT-only in blue, class confusions in yellow).
+preprocessed (patch) space: the image, the pGT outline (green), and the error map (candidate-only voxels in red,
+pGT-only in blue, class confusions in yellow), with that legend on the figure.
 """
 
 from __future__ import annotations
@@ -15,13 +16,25 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
+from nnqc_pipe.chunks import fill
 from nnqc_pipe.data.io import atomic_path
 from nnqc_pipe.data.preprocess import load_preprocessed, to_patch_space
-from nnqc_pipe.qc.metrics import FOREGROUND, METRICS
+from nnqc_pipe.qc.decisions import risk_coverage_curve
+from nnqc_pipe.qc.metrics import FOREGROUND, METRICS, error_map
 from nnqc_pipe.report.tables import PREDICTED, REAL
 
 ERROR_COLOURS = ListedColormap([(0, 0, 0, 0), (0.9, 0.1, 0.1, 0.8), (0.1, 0.4, 0.95, 0.8), (1.0, 0.85, 0.1, 0.8)])
+# Legend of every overlay: the error codes of qc.metrics.error_map and the pGT outline.
+OVERLAY_LEGEND = [
+    Patch(color=ERROR_COLOURS(1), label="extra: candidate only"),
+    Patch(color=ERROR_COLOURS(2), label="missed: pGT only"),
+    Patch(color=ERROR_COLOURS(3), label="class confusion"),
+    Line2D([0], [0], color="lime", linewidth=1, label="pGT outline"),
+]
+VERDICT_COLOURS = {"PASS": "tab:green", "REVIEW": "tab:orange", "FAIL": "tab:red"}
 
 
 def worst_cases(subjects: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -31,37 +44,115 @@ def worst_cases(subjects: pd.DataFrame, n: int) -> pd.DataFrame:
     return fg.assign(_flagged=flagged).sort_values(["_flagged", "predicted_dsc"], ascending=[False, True]).head(n)
 
 
-def case_slice(results: Path, source: str, subject: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Image, pGT class indices and error codes of the most erroneous slice, in patch space."""
+def review_cases(subjects: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` riskiest foreground rows with verdict REVIEW (the cases a human looks at)."""
+    fg = subjects[(subjects.label == "foreground") & (subjects.verdict == "REVIEW")]
+    return fg.sort_values(["risk", "source", "subject"], ascending=[False, True, True], kind="stable").head(n)
+
+
+def case_slice(results: Path, candidate: str, source: str, subject: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Image, pGT class indices and error codes (candidate vs pGT) of the most erroneous slice, in patch space."""
     pre = load_preprocessed(results / "preprocessed" / f"{subject}.npz")
-    pgt_values = np.asarray(nib.load(results / "pgt" / source / f"{subject}.nii.gz").dataobj)
-    pgt = to_patch_space(pgt_values, pre.record)
-    errors_values = np.asarray(nib.load(results / "errors" / source / f"{subject}.nii.gz").dataobj)
-    errors = to_patch_space(errors_values, {**pre.record, "label_values": [1, 2, 3], "n_classes": 4})
+    pgt = to_patch_space(np.asarray(nib.load(results / "pgt" / source / f"{subject}.nii.gz").dataobj), pre.record)
+    cand = to_patch_space(np.asarray(nib.load(candidate).dataobj), pre.record)
+    errors = error_map(cand, pgt)
     weight = errors > 0 if errors.any() else pgt > 0
     k = int(np.argmax(weight.sum(axis=(1, 2))))
     return pre.image[k], pgt[k], errors[k], k
 
 
-def plot_worst_overlays(subjects: pd.DataFrame, results_dir: str | os.PathLike, n: int,
-                        path: str | os.PathLike) -> None:
-    """One panel per worst case (or a note that every candidate passed), written atomically as PNG."""
-    cases = worst_cases(subjects, n)
+def plot_cases(cases: pd.DataFrame, results_dir: str | os.PathLike, candidates: dict[str, str],
+               path: str | os.PathLike, empty_note: str) -> None:
+    """One overlay panel per case (image, pGT outline, candidate errors, with a legend), or ``empty_note``."""
     cols = max(1, min(3, len(cases)))
     rows = max(1, int(np.ceil(len(cases) / cols)))
-    fig = Figure(figsize=(4 * cols, 4 * rows))
+    fig = Figure(figsize=(4 * cols, 4 * rows + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     if cases.empty:
-        axes[0, 0].text(0.5, 0.5, "every candidate passed QC", ha="center", va="center")
+        axes[0, 0].text(0.5, 0.5, empty_note, ha="center", va="center")
     for ax, row in zip(axes.ravel(), cases.itertuples(), strict=False):
-        image, pgt, errors, k = case_slice(Path(results_dir), row.source, row.subject)
+        candidate = fill(candidates[row.source], subject=row.subject)
+        image, pgt, errors, k = case_slice(Path(results_dir), candidate, row.source, row.subject)
         ax.imshow(image, cmap="gray")
         if pgt.any():
             ax.contour(pgt > 0, levels=[0.5], colors="lime", linewidths=1)
         ax.imshow(errors, cmap=ERROR_COLOURS, vmin=0, vmax=3, interpolation="nearest")
-        ax.set_title(f"{row.source} / {row.subject}\nslice {k}, predicted DSC {row.predicted_dsc:.2f}", fontsize=9)
+        verdict = f", {row.verdict} (risk {row.risk:.2f})" if hasattr(row, "verdict") else ""
+        ax.set_title(f"{row.source} / {row.subject}\nslice {k}, predicted DSC {row.predicted_dsc:.2f}{verdict}",
+                     fontsize=9)
+    fig.legend(handles=OVERLAY_LEGEND, loc="lower center", ncol=4, fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, path)
+
+
+def plot_worst_overlays(subjects: pd.DataFrame, results_dir: str | os.PathLike, candidates: dict[str, str], n: int,
+                        path: str | os.PathLike) -> None:
+    """Overlays of the ``n`` worst candidates (:func:`worst_cases`)."""
+    plot_cases(worst_cases(subjects, n), results_dir, candidates, path, "every candidate passed QC")
+
+
+def plot_review_gallery(subjects: pd.DataFrame, results_dir: str | os.PathLike, candidates: dict[str, str], n: int,
+                        path: str | os.PathLike) -> None:
+    """Overlays of the ``n`` riskiest REVIEW candidates (:func:`review_cases`), error regions outlined in colour."""
+    plot_cases(review_cases(subjects, n), results_dir, candidates, path, "no candidate to review")
+
+
+def plot_verdicts(subjects: pd.DataFrame, path: str | os.PathLike, label: str = FOREGROUND) -> None:
+    """Stacked bars of PASS / REVIEW / FAIL counts per source."""
+    rows = subjects[subjects["label"] == label]
+    counts = rows.groupby(["source", "verdict"]).size().unstack(fill_value=0).reindex(columns=list(VERDICT_COLOURS),
+                                                                                       fill_value=0)
+    fig = Figure(figsize=(6, 0.5 * max(len(counts), 2) + 1.5))
+    ax = fig.add_subplot()
+    left = np.zeros(len(counts))
+    for verdict, colour in VERDICT_COLOURS.items():
+        ax.barh(counts.index.astype(str), counts[verdict], left=left, color=colour, label=verdict)
+        left += counts[verdict].to_numpy()
+    ax.set_xlabel(f"subjects ({label})")
+    ax.set_title("Verdicts per source")
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_risk_coverage(subjects: pd.DataFrame, path: str | os.PathLike, fail_dsc: float,
+                       label: str = FOREGROUND) -> None:
+    """Risk–coverage curves (failure rate at real DSC < ``fail_dsc`` among the candidates accepted, most
+    confident first) per source with ground truth and pooled; a note when no ground truth exists."""
+    rows = subjects[(subjects["label"] == label) & subjects[f"{REAL}_dsc"].notna()]
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.add_subplot()
+    if rows.empty:
+        ax.text(0.5, 0.5, "no subjects with ground truth", ha="center", va="center", transform=ax.transAxes)
+    else:
+        groups = [(str(s), g) for s, g in rows.groupby("source", sort=True)] + [("all", rows)]
+        for name, group in groups:
+            curve = risk_coverage_curve(group[f"{PREDICTED}_dsc"], group[f"{REAL}_dsc"], fail_dsc)
+            style = {"color": "black", "linewidth": 2} if name == "all" else {"linewidth": 1}
+            ax.plot(curve["coverage"], curve["risk"], label=name, **style)
+        ax.legend(fontsize="small")
+    ax.set_xlabel("coverage (fraction accepted, highest predicted DSC first)")
+    ax.set_ylabel(f"risk (fraction with real DSC < {fail_dsc:g})")
+    ax.set_title("Risk–coverage")
+    save_figure(fig, path)
+
+
+def plot_predicted_distributions(subjects: pd.DataFrame, path: str | os.PathLike, label: str = FOREGROUND) -> None:
+    """Box plots of the predicted DSC per source: the view of a cohort without ground truth."""
+    rows = subjects[(subjects["label"] == label) & subjects[f"{PREDICTED}_dsc"].notna()]
+    groups = [(str(s), g[f"{PREDICTED}_dsc"].to_numpy()) for s, g in rows.groupby("source", sort=True)]
+    fig = Figure(figsize=(max(5, 0.8 * len(groups) + 2), 4.5))
+    ax = fig.add_subplot()
+    if groups:
+        ax.boxplot([g for _, g in groups], tick_labels=[s for s, _ in groups])
+        ax.tick_params(axis="x", rotation=45)
+    else:
+        ax.text(0.5, 0.5, "no predictions", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel(f"predicted DSC ({label})")
+    ax.set_title("Predicted quality per source")
     fig.tight_layout()
     save_figure(fig, path)
 

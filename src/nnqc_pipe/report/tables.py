@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,17 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from nnqc_pipe.data.io import concat_parquet, write_parquet
+from nnqc_pipe.data.io import atomic_path, concat_parquet, write_parquet
+from nnqc_pipe.qc.decisions import (
+    VerdictThresholds,
+    assign_verdicts,
+    default_thresholds,
+    exclusions_table,
+    failure_detection,
+    review_slices,
+    select_sources,
+    selection_summary,
+)
 from nnqc_pipe.qc.metrics import FLAGS, FOREGROUND, HIGHER_IS_BETTER, METRICS
 
 log = logging.getLogger(__name__)
@@ -77,6 +88,7 @@ def _flag_columns() -> dict[str, str]:
         "flag_high_hd95_outlier": "bool",
         **{f"flag_{flag}": "bool" for flag in FLAGS},
         "flag_below_threshold": "bool",
+        "flag_out_of_distribution": "bool",
         "qc_pass": "bool",
     }
 
@@ -90,6 +102,10 @@ def subjects_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         "uncertainty": "float64",
         "n_slices": "int64",
         **_flag_columns(),
+        "ood_reason": "str",
+        "risk": "float64",
+        "verdict": "str",
+        "verdict_reason": "str",
     }
 
 
@@ -106,6 +122,9 @@ def slices_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
     }
 
 
+# Failure-detection columns of the summary (DSC rows; bias and Spearman ρ for every metric), see
+# nnqc_pipe.qc.decisions.failure_detection.
+FAILURE_COLUMNS = ("n_fail", "failure_auc", "sensitivity", "specificity", "accuracy", "aurc")
 SUMMARY_SCHEMA = {
     "cohort": "str",
     "source": "str",
@@ -115,7 +134,27 @@ SUMMARY_SCHEMA = {
     "pearson_r": "float64",
     "mae": "float64",
     "mae_std": "float64",
+    "bias": "float64",
+    "spearman_rho": "float64",
+    "n_fail": "Int64",
+    "failure_auc": "float64",
+    "sensitivity": "float64",
+    "specificity": "float64",
+    "accuracy": "float64",
+    "aurc": "float64",
 }
+SELECTION_SCHEMA = {
+    "cohort": "str",
+    "subject": "str",
+    "selected_source": "str",
+    "predicted_dsc": "float64",
+    "runner_up_source": "str",
+    "margin": "float64",
+    "n_candidates": "int64",
+    "all_failed": "bool",
+    "real_dsc": "float64",
+}
+EXCLUSIONS_COLUMNS = ["subject", "source", "label", "verdict", "risk", "reason"]
 
 
 def ranking_schema(metric: str = "dsc") -> dict[str, str]:
@@ -233,8 +272,13 @@ def _slice_ratios(slice_index: pd.Series, slice_ratio: Sequence[float] | np.ndar
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_subjects(scores: pd.DataFrame, qc_pass_dsc: float) -> pd.DataFrame:
-    """One row per (cohort, source, subject, label) with predicted/real metrics, flags and ``qc_pass``."""
+def build_subjects(scores: pd.DataFrame, qc_pass_dsc: float, thresholds: VerdictThresholds | None = None,
+                   ood: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (cohort, source, subject, label) with predicted/real metrics, flags, ``qc_pass`` and the verdict.
+
+    ``ood`` (optional; columns subject, source, flag_out_of_distribution, ood_reason) marks candidates outside
+    the training cohort's range; the verdict (:func:`nnqc_pipe.qc.decisions.assign_verdicts`) uses it.
+    """
     metrics = metric_names(scores)
     volume = scores[scores["level"] == "volume"].copy()
     n_slices = scores[scores["level"] == "slice"].groupby(ID_COLUMNS).size().rename("n_slices").reset_index()
@@ -249,6 +293,10 @@ def build_subjects(scores: pd.DataFrame, qc_pass_dsc: float) -> pd.DataFrame:
     subjects["flag_below_threshold"] = ~(subjects[f"{PREDICTED}_dsc"] >= qc_pass_dsc)
     failing = ["flag_below_threshold", "flag_low_dsc_outlier", "flag_high_hd95_outlier"]
     subjects["qc_pass"] = ~subjects[failing].any(axis=1)
+    if ood is not None and not ood.empty:
+        subjects = subjects.merge(ood, on=["subject", "source"], how="left")
+    thresholds = thresholds or default_thresholds(qc_pass_dsc)
+    subjects = assign_verdicts(subjects, thresholds)
     subjects = subjects.sort_values(ID_COLUMNS, kind="stable")
     return _typed(subjects, subjects_schema(metrics))
 
@@ -279,11 +327,14 @@ def build_slices(scores: pd.DataFrame) -> pd.DataFrame:
     return _typed(slices, slices_schema(metric_names(scores)))
 
 
-def build_summary(subjects: pd.DataFrame) -> pd.DataFrame:
+def build_summary(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame:
     """Agreement of predicted and real scores per (cohort, source or pool, label, metric).
 
     Pools: ``all`` (every source) and ``all_degraded`` (``degraded_*`` sources). Only subjects with both
-    values finite count (``n``); ``pearson_r`` is NaN below 3 pairs or for a constant side.
+    values finite count (``n``); ``pearson_r`` is NaN below 3 pairs or for a constant side. Every row has the
+    bias (mean predicted − real) and Spearman ρ; DSC rows also the failure detection at real DSC < ``fail_dsc``
+    (:func:`nnqc_pipe.qc.decisions.failure_detection`: ROC AUC, sensitivity/specificity/accuracy of "predicted <
+    ``fail_dsc``", area under the risk–coverage curve).
     """
     rows = []
     for (cohort, label), group in subjects.groupby(["cohort", "label"], sort=True):
@@ -291,8 +342,11 @@ def build_summary(subjects: pd.DataFrame) -> pd.DataFrame:
             for metric in metric_names(subjects):
                 pred = members[f"{PREDICTED}_{metric}"].to_numpy(dtype=np.float64)
                 real = members[f"{REAL}_{metric}"].to_numpy(dtype=np.float64)
+                detection = failure_detection(pred, real, fail_dsc)
+                if metric != "dsc":
+                    detection = {k: v for k, v in detection.items() if k not in FAILURE_COLUMNS}
                 rows.append({"cohort": cohort, "source": source, "label": label, "metric": metric,
-                             **_agreement(pred, real)})
+                             **detection, **_agreement(pred, real)})
     return _typed(pd.DataFrame(rows), SUMMARY_SCHEMA)
 
 
@@ -361,6 +415,12 @@ def _kendall_tau(predicted: pd.Series, real: pd.Series) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
+def build_selection(subjects: pd.DataFrame, use_pgt_when_all_fail: bool, fail_dsc: float) -> pd.DataFrame:
+    """The best source per subject by predicted foreground DSC (:func:`nnqc_pipe.qc.decisions.select_sources`)."""
+    selection = select_sources(subjects, FOREGROUND, use_pgt_when_all_fail=use_pgt_when_all_fail, fail_dsc=fail_dsc)
+    return _typed(selection, SELECTION_SCHEMA)
+
+
 def write_report(
     scores_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -369,13 +429,21 @@ def write_report(
     metadata: Mapping[str, Any],
     ranking_metric: str = "dsc",
     ranking_label: str = FOREGROUND,
+    thresholds: VerdictThresholds | None = None,
+    ood: pd.DataFrame | None = None,
+    use_pgt_when_all_fail: bool = False,
+    review_slices_per_subject: int = 5,
 ) -> dict[str, pd.DataFrame]:
-    """Build the four report tables from the scores files and write them to ``out_dir``.
+    """Build the report tables from the scores files and write them to ``out_dir``.
 
-    Every file's schema metadata holds ``metadata`` (pipeline version, config hash, checkpoint hashes) plus
-    ``cohort`` and ``qc_pass_dsc``; ``ranking.parquet`` also holds ``kendall_tau``, ``ranking_metric`` and
-    ``ranking_label``. Returns the tables by name (``subjects``, ``slices``, ``summary``, ``ranking``).
+    Tables: ``subjects`` (with verdicts), ``slices``, ``summary`` (with failure detection), ``ranking``,
+    ``selection`` (best source per subject), ``review`` (slices to look at first), and ``exclusions.tsv``.
+    Every Parquet file's schema metadata holds ``metadata`` (pipeline version, config hash, checkpoint hashes)
+    plus ``cohort``, ``qc_pass_dsc`` and the verdict thresholds; ``ranking.parquet`` also holds ``kendall_tau``,
+    ``ranking_metric`` and ``ranking_label``; ``selection.parquet`` the real DSC of the selection against the best
+    single source and an oracle (where ground truth exists). Returns the tables by name.
     """
+    thresholds = thresholds or default_thresholds(qc_pass_dsc)
     scores = concat_parquet(scores_paths)
     if scores.empty:
         raise ValueError(f"cohort {cohort!r}: no score rows in {len(scores_paths)} scores files")
@@ -383,24 +451,39 @@ def write_report(
     if other:
         raise ValueError(f"cohort {cohort!r}: scores files contain rows of other cohorts {other}")
     tables = {
-        "subjects": build_subjects(scores, qc_pass_dsc),
+        "subjects": build_subjects(scores, qc_pass_dsc, thresholds, ood),
         "slices": build_slices(scores),
     }
-    tables["summary"] = build_summary(tables["subjects"])
+    tables["summary"] = build_summary(tables["subjects"], thresholds.fail_dsc)
     tables["ranking"] = build_ranking(tables["subjects"], ranking_metric, ranking_label)
-    common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc}
+    tables["selection"] = build_selection(tables["subjects"], use_pgt_when_all_fail, thresholds.fail_dsc)
+    tables["review"] = review_slices(tables["slices"], tables["subjects"], review_slices_per_subject)
+    common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc, "verdict_thresholds": asdict(thresholds)}
     tau = _single_tau(tables["ranking"])
-    ranking_meta = {"kendall_tau": tau, "ranking_metric": ranking_metric, "ranking_label": ranking_label}
+    extra_meta = {
+        "ranking": {"kendall_tau": tau, "ranking_metric": ranking_metric, "ranking_label": ranking_label},
+        "selection": {"selection_summary": _json_safe(selection_summary(tables["subjects"], tables["selection"])),
+                      "use_pgt_when_all_fail": use_pgt_when_all_fail},
+    }
     out = Path(out_dir)
     for name, table in tables.items():
-        meta = {**common, **ranking_meta} if name == "ranking" else common
-        write_parquet(table, out / f"{name}.parquet", meta)
+        write_parquet(table, out / f"{name}.parquet", {**common, **extra_meta.get(name, {})})
+    exclusions = exclusions_table(tables["subjects"]).reindex(columns=EXCLUSIONS_COLUMNS)
+    with atomic_path(out / "exclusions.tsv") as tmp:
+        exclusions.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
+    counts = tables["subjects"].loc[tables["subjects"]["label"] == FOREGROUND, "verdict"].value_counts().to_dict()
     log.info(
-        "cohort %s: report of %d subject rows, %d slice rows, %d sources; Kendall tau (%s, %s) = %s",
+        "cohort %s: report of %d subject rows, %d slice rows, %d sources; Kendall tau (%s, %s) = %s; "
+        "foreground verdicts %s; %d rows in exclusions.tsv",
         cohort, len(tables["subjects"]), len(tables["slices"]), len(tables["ranking"]),
-        ranking_metric, ranking_label, tau,
+        ranking_metric, ranking_label, tau, counts, len(exclusions),
     )
     return tables
+
+
+def _json_safe(values: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN -> None (JSON metadata has no NaN)."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in values.items()}
 
 
 def _single_tau(ranking: pd.DataFrame) -> float | None:

@@ -1,30 +1,48 @@
-"""Stage of ``rules/report.smk``: the report tables with provenance metadata, and the figures."""
+"""Stage of ``rules/report.smk``: the report tables with provenance metadata, the decisions, and the figures."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 from nnqc_pipe import __version__
 from nnqc_pipe.chunks import recorded_files
-from nnqc_pipe.data.io import PathLike, file_sha256, read_json
-from nnqc_pipe.report.figures import plot_mae_per_level, plot_predicted_vs_real, plot_worst_overlays
+from nnqc_pipe.data.io import PathLike, file_sha256, read_json, write_parquet
+from nnqc_pipe.qc.decisions import VerdictThresholds
+from nnqc_pipe.report import figures
+from nnqc_pipe.report.review import error_region_table, write_selected_masks
 from nnqc_pipe.report.tables import write_report
 
+log = logging.getLogger(__name__)
 
-def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, qc_pass_dsc: float, config_digest: str,
-           model_dir: PathLike, figures_dir: PathLike, results_dir: PathLike, n_overlays: int = 6) -> None:
-    """The report tables (with provenance metadata) and the figures of the HTML report.
+
+def verdict_thresholds(report_cfg: dict[str, Any]) -> VerdictThresholds:
+    """The verdict thresholds of the config's ``report`` section."""
+    return VerdictThresholds(fail_dsc=report_cfg["fail_dsc"], pass_dsc=report_cfg["qc_pass_dsc"],
+                             review_uncertainty=report_cfg["review_uncertainty"],
+                             fail_risk=report_cfg["fail_risk"], review_risk=report_cfg["review_risk"])
+
+
+def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, settings: dict[str, Any],
+           config_digest: str, model_dir: PathLike, plan_json: PathLike, candidates: dict[str, str], pgt: str,
+           selected: str, figures_dir: PathLike, results_dir: PathLike) -> None:
+    """The report tables and decisions (with provenance metadata) and the figures of the HTML report.
 
     Args:
         score_chunks: the score chunk records (they list the scores files).
         out_dir: report folder.
         cohort: the cohort name.
-        qc_pass_dsc: predicted DSC below which a candidate fails qc_pass.
+        settings: JSON object of the config's report section (thresholds, n_overlays, ...) with the selection
+            section under "selection".
         config_digest: hash of the config (provenance).
         model_dir: folder with vae.pt, ldm.pt and model_card.json.
+        plan_json: the cohort's plan.json (slicing axis of the review regions).
+        candidates: JSON object source -> candidate mask path pattern with {subject}.
+        pgt: pGT path pattern with {source} and {subject}.
+        selected: path pattern with {subject} of the selected mask per subject.
         figures_dir: folder of the figures.
         results_dir: the cohort's results folder (overlays read pGTs and preprocessed stacks there).
-        n_overlays: number of worst candidates shown as overlays.
     """
     models = Path(model_dir)
     metadata = {
@@ -33,9 +51,28 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, qc_pass
         "checkpoints": {name: file_sha256(models / name) for name in ("vae.pt", "ldm.pt")},
         "model_card": read_json(models / "model_card.json"),
     }
-    tables = write_report(recorded_files(score_chunks, "scores"), out_dir, cohort, qc_pass_dsc, metadata)
-    figures = Path(figures_dir)
+    thresholds = verdict_thresholds(settings)
+    tables = write_report(recorded_files(score_chunks, "scores"), out_dir, cohort, settings["qc_pass_dsc"], metadata,
+                          thresholds=thresholds,
+                          use_pgt_when_all_fail=settings["selection"]["use_pgt_when_all_fail"],
+                          review_slices_per_subject=settings["review_slices_per_subject"])
+    regions = error_region_table(tables["subjects"], candidates, pgt, read_json(plan_json)["slicing_axis"])
+    write_parquet(regions, Path(out_dir) / "error_regions.parquet", metadata)
+    write_selected_masks(tables["selection"], candidates, pgt, selected)
+    write_figures(tables, Path(figures_dir), Path(results_dir), candidates, settings, thresholds)
+
+
+def write_figures(tables: dict, folder: Path, results_dir: Path, candidates: dict[str, str],
+                  settings: dict[str, Any], thresholds: VerdictThresholds) -> None:
+    """Every figure of the HTML report."""
+    subjects = tables["subjects"]
     for metric in ("dsc", "hd95_mm"):
-        plot_predicted_vs_real(tables["subjects"], metric, figures / f"predicted_vs_real_{metric}.png")
-    plot_mae_per_level(tables["summary"], figures / "mae_per_level.png")
-    plot_worst_overlays(tables["subjects"], results_dir, n_overlays, figures / "worst_overlays.png")
+        figures.plot_predicted_vs_real(subjects, metric, folder / f"predicted_vs_real_{metric}.png")
+    figures.plot_mae_per_level(tables["summary"], folder / "mae_per_level.png")
+    figures.plot_predicted_distributions(subjects, folder / "predicted_distributions.png")
+    figures.plot_verdicts(subjects, folder / "verdicts.png")
+    figures.plot_risk_coverage(subjects, folder / "risk_coverage.png", thresholds.fail_dsc)
+    figures.plot_worst_overlays(subjects, results_dir, candidates, settings["n_overlays"],
+                                folder / "worst_overlays.png")
+    figures.plot_review_gallery(subjects, results_dir, candidates, settings["n_overlays"],
+                                folder / "review_gallery.png")
