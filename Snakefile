@@ -18,6 +18,6 @@ rule all:
         f"{OUT}/fingerprint.json",
         f"{OUT}/plan.json",
         preprocessed_all,
-        f"{OUT}/degraded/manifest.parquet" if HAS_LABELS else [],
+        f"{OUT}/degraded/manifest.parquet" if HAS_LABELS and not QC_MODEL_SOURCE else [],
         f"{OUT}/report/subjects.parquet",
     default_target: True

@@ -34,6 +34,7 @@ rule inspect:
         label=pattern("label"),
         out=pattern("inspect"),
         values=LABEL_VALUES,
+        require_labels=config["require_labels"],
     resources:
         runtime=chunk_runtime("inspect", 0.5),
     conda:
@@ -44,7 +45,8 @@ rule inspect:
         f"{BENCH}/inspect/{{chunk}}.tsv",
     shell:
         "python -m nnqc_pipe inspect --subjects {params.subjects:q} --image {params.image:q} --label {params.label:q} "
-        "--label-values {params.values} --out {params.out:q} --record {output} > {log} 2>&1"
+        "--label-values {params.values} --require-labels {params.require_labels} --out {params.out:q} "
+        "--record {output} > {log} 2>&1"
 
 
 checkpoint split:
@@ -56,6 +58,7 @@ checkpoint split:
     params:
         split=config["split"],
         on_bad=config["on_bad_subject"],
+        train_model=not QC_MODEL_SOURCE,
     conda:
         "../envs/nnqc.yaml"
     log:
@@ -66,4 +69,4 @@ checkpoint split:
         "python -m nnqc_pipe split --inspect-chunks {input} --subjects-tsv {output.subjects_tsv} "
         "--split-tsv {output.split_tsv} --test-fraction {params.split[test_fraction]} "
         "--val-fraction {params.split[val_fraction]} --seed {params.split[seed]} "
-        "--on-bad-subject {params.on_bad} > {log} 2>&1"
+        "--on-bad-subject {params.on_bad} --train-model {params.train_model} > {log} 2>&1"

@@ -5,14 +5,14 @@
 rule preprocess:
     input:
         images=lambda w: chunk_files("image", "preprocess", w.chunk),
-        labels=lambda w: chunk_files("label", "preprocess", w.chunk) if HAS_LABELS else [],
+        labels=lambda w: role_label_files("preprocess", w.chunk),
         plan=f"{OUT}/plan.json",
     output:
         f"{CHUNKS_DIR}/preprocess/{{chunk}}.tsv",
     params:
         subjects=lambda w: chunk_members("preprocess", w.chunk),
         image=pattern("image"),
-        label=pattern("label"),
+        label=role_label_pattern("preprocess"),
         out=pattern("npz"),
     resources:
         runtime=chunk_runtime("preprocess", 1),

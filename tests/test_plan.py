@@ -26,6 +26,18 @@ def test_fingerprint_fields(fingerprint):
     assert all(c <= s for c, s in zip(fp["median_cropped_shape"], fp["median_shape"], strict=True))
 
 
+def test_fingerprint_ranges_over_training_subjects(fingerprint):
+    """Per-subject ranges for the domain-shift check; the existing keys are unchanged."""
+    ranges = fingerprint["ranges"]
+    assert set(ranges) == {"spacing_mm", "fov_mm", "image_p00_5", "image_p99_5", "fg_p00_5", "fg_p99_5",
+                           "fg_volume_mm3", "fg_extent_mm"}
+    assert ranges["spacing_mm"] == {"min": fingerprint["spacing_min"], "max": fingerprint["spacing_max"]}
+    assert 0 < ranges["fg_volume_mm3"]["min"] <= ranges["fg_volume_mm3"]["max"]
+    assert ranges["image_p00_5"]["max"] <= ranges["fg_p99_5"]["max"]
+    assert all(lo <= hi for lo, hi in zip(ranges["fg_extent_mm"]["min"], ranges["fg_extent_mm"]["max"], strict=True))
+    assert max(ranges["fg_extent_mm"]["max"]) == max(fingerprint["fg_extent_mm_max"])
+
+
 def test_plan_from_phantoms(fingerprint):
     plan = make_plan(fingerprint, _defaults())
     assert plan["slicing_axis"] == 2 and plan["inplane_axes"] == [0, 1]

@@ -180,7 +180,8 @@ def test_bad_subject_is_excluded_and_reported(tmp_path):
     broken[0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(broken, img.affine), data / "imagesTr/demo_001.nii.gz")
     shutil.copy(data / "imagesTr/demo_002.nii.gz", data / "imagesTr/demo_099.nii.gz")  # no label: missing pair
-    config = base_config(tmp_path, f"{data}/imagesTr/{{subject}}.nii.gz", f"{data}/labelsTr/{{subject}}.nii.gz")
+    config = base_config(tmp_path, f"{data}/imagesTr/{{subject}}.nii.gz", f"{data}/labelsTr/{{subject}}.nii.gz",
+                         require_labels=True)
     proc = run_snakemake(config, tmp_path, str(tmp_path / "results/e2e/plan.json"))
     assert proc.returncode == 0
     table = pd.read_csv(tmp_path / "results/e2e/subjects.tsv", sep="\t").set_index("subject")

@@ -1,4 +1,5 @@
-"""The ``nnqc-pipe`` command line: one sub-command per workflow rule (called by the rules), plus ``check``.
+"""The ``nnqc-pipe`` command line: one sub-command per workflow rule (called by the rules), plus ``check`` and
+``export-model``.
 
 The stage sub-commands are built from the entry functions of :mod:`nnqc_pipe.stages`: each parameter becomes an
 option ``--name-with-dashes`` whose type comes from the type hint and whose help comes from the function's
@@ -148,6 +149,21 @@ def add_check_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 
 
+def add_export_model_command(sub: argparse._SubParsersAction) -> None:
+    """``export-model``: a cohort's trained QC model as a self-describing bundle folder (nnqc_pipe.models.bundle)."""
+    p = sub.add_parser("export-model", help="write a cohort's trained QC model as a reusable bundle folder",
+                       description="Copy a cohort's trained networks, model card, plan and fingerprint into a new "
+                                   "folder with bundle.json (training cohort, modality, label names, vision expert "
+                                   "identity, validation figures) and a SHA-256 MANIFEST. Another cohort uses it "
+                                   "with the config key qc_model: OUT.")
+    p.add_argument("results_dir", help="the trained cohort's results folder (results/<cohort>)")
+    p.add_argument("out", help="the bundle folder to write (must not exist, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle folder OUT")
+    p.add_argument("--expert-checkpoint", default=None,
+                   help="current location of the vision expert checkpoint when it moved since training (its "
+                        "weights must be the ones the model was trained with; default: the model card's path)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="nnqc-pipe", description="nnqc-pipe: segmentation QC with nnQC. "
@@ -158,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func in stage_functions().items():
         add_function_command(sub, name, func)
     add_check_command(sub)
+    add_export_model_command(sub)
     return parser
 
 
@@ -167,6 +184,10 @@ def resolve_command(command: str) -> Callable[..., Any]:
         from nnqc_pipe.qc.check import check
 
         return check
+    if command == "export-model":
+        from nnqc_pipe.models.bundle import export_model
+
+        return export_model
     return stage_functions()[command]
 
 

@@ -12,6 +12,11 @@
   the foreground box (the plan sizes its window from it)
 - ``orientations``: count of orientation codes as stored (before reorientation to RAS)
 - ``intensity``: foreground ``mean``, ``std``, ``p00_5``, ``p99_5`` over a pooled sample of foreground voxels
+- ``ranges``: feature -> ``{"min", "max"}`` over the training subjects (lists per axis for geometry), the
+  reference of the domain-shift check (:mod:`nnqc_pipe.qc.ood`): ``spacing_mm``, ``fov_mm`` (image extent),
+  ``image_p00_5``/``image_p99_5`` (whole-image intensity percentiles), ``fg_p00_5``/``fg_p99_5`` (foreground
+  intensity percentiles), ``fg_volume_mm3``, ``fg_extent_mm``. A feature that no record carries (ingestion
+  records of an older version) is left out.
 """
 
 from __future__ import annotations
@@ -56,7 +61,37 @@ def compute_fingerprint(
             "p00_5": float(np.percentile(pooled, 0.5)),
             "p99_5": float(np.percentile(pooled, 99.5)),
         },
+        "ranges": feature_ranges(records),
     }
+
+
+def subject_features(record: dict[str, Any]) -> dict[str, float | list[float]]:
+    """The domain-shift features of a subject's ingestion record (lists per axis): geometry and whole-image
+    intensity percentiles of every subject; foreground intensity percentiles, volume and extent with a label."""
+    spacing = np.asarray(record["ras_spacing"], dtype=float)
+    features: dict[str, float | list[float]] = {
+        "spacing_mm": spacing.tolist(),
+        "fov_mm": (np.asarray(record["ras_shape"]) * spacing).tolist(),
+    }
+    if "image_intensity" in record:
+        features["image_p00_5"] = record["image_intensity"]["p00_5"]
+        features["image_p99_5"] = record["image_intensity"]["p99_5"]
+    if record.get("has_label"):
+        features["fg_p00_5"] = record["intensity"]["p00_5"]
+        features["fg_p99_5"] = record["intensity"]["p99_5"]
+        features["fg_volume_mm3"] = record["fg_voxels"] * float(np.prod(spacing))
+        features["fg_extent_mm"] = list(record["fg_extent_mm"])
+    return features
+
+
+def feature_ranges(records: list[dict[str, Any]]) -> dict[str, dict[str, float | list[float]]]:
+    """Per feature of :func:`subject_features`: its min and max over the records that carry it."""
+    values: dict[str, list[float | list[float]]] = collections.defaultdict(list)
+    for record in records:
+        for name, value in subject_features(record).items():
+            values[name].append(value)
+    return {name: {"min": np.min(v, axis=0).tolist(), "max": np.max(v, axis=0).tolist()}
+            for name, v in values.items()}
 
 
 def half_width_mm(record: dict[str, Any], centre_fraction: np.ndarray) -> list[float]:

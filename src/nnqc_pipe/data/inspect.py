@@ -3,6 +3,15 @@
 The result is a small JSON record per subject. A subject whose files are bad gets ``status: excluded`` and
 a ``reason`` naming the file and the problem; the split stage lists it in ``subjects.tsv`` and leaves it out
 of every later stage (config ``on_bad_subject: exclude``), or stops the run (``on_bad_subject: fail``).
+
+Labels may cover only part of a cohort: an image whose label file does not exist is a valid *unlabelled*
+subject (``has_label: false``; its candidate masks are QC'd, it never enters training), unless the cohort
+requires labels (config ``require_labels: true``), in which case the missing pair excludes it. A label file
+that exists but is bad always excludes the subject.
+
+Intensity statistics: ``intensity`` holds the foreground's (labelled subjects) or, without a label, the whole
+image's; ``image_intensity`` holds the whole image's for every subject, so that labelled and unlabelled subjects
+can be compared on the same footing (:mod:`nnqc_pipe.qc.ood`).
 """
 
 from __future__ import annotations
@@ -28,8 +37,14 @@ def inspect_subject(
     image_path: str | os.PathLike,
     label_path: str | os.PathLike | None,
     label_values: list[int],
+    require_label: bool = False,
 ) -> dict[str, Any]:
-    """Validate a subject and return its record; never raises for bad input (the record says why)."""
+    """Validate a subject and return its record; never raises for bad input (the record says why).
+
+    ``label_path`` None or, unless ``require_label``, a path that does not exist: the subject is unlabelled.
+    """
+    if label_path is not None and not require_label and not Path(label_path).exists():
+        label_path = None
     try:
         stats = _inspect(subject, image_path, label_path, label_values)
     except InputError as exc:
@@ -54,8 +69,10 @@ def _inspect(
     stats["ras_shape"] = list(ras.shape)
     stats["ras_spacing"] = list(spacing_of(ras))
     stats["has_label"] = label_path is not None
+    whole = intensity_stats(data, None, subject)
+    stats["image_intensity"] = {k: v for k, v in whole.items() if k != "sample"}
     if label_path is None:
-        stats["intensity"] = intensity_stats(data, None, subject)
+        stats["intensity"] = whole
         return stats
     if not Path(label_path).exists():
         raise InputError(subject, label_path, "label file is missing for this image (pair incomplete)")

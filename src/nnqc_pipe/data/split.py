@@ -4,6 +4,10 @@
 ``split.tsv`` lists the usable subjects with a role: ``train`` and ``val`` (model fitting and checkpoint
 selection), ``test`` (degraded candidates, predicted-vs-real evaluation), ``unlabelled`` (no ground truth:
 QC of the user's sources only). The split depends only on the sorted subject names and the seed.
+
+A cohort QC'd with a model from elsewhere (config ``qc_model``) trains nothing: all its labelled subjects are
+``test`` (their GT and user sources measure predicted-vs-real agreement on this cohort), the others
+``unlabelled``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def assign_roles(
     names = sorted(labelled)
     n = len(names)
     if n < 3:
-        raise CohortError(f"need at least 3 labelled subjects to train and evaluate, got {n}")
+        raise CohortError(f"need at least 3 labelled subjects to train and evaluate, got {n} (or set qc_model to use "
+                          "a QC model trained on another cohort)")
     order = np.random.default_rng(seed).permutation(n)
     n_test = min(max(1, round(n * test_fraction)), n - 2)
     n_val = min(max(1, math.ceil((n - n_test) * val_fraction)), n - n_test - 1) if val_fraction > 0 else 0
@@ -47,10 +52,21 @@ def assign_roles(
     return pd.DataFrame(rows, columns=["subject", "role"])
 
 
+def evaluation_roles(labelled: list[str], unlabelled: list[str]) -> pd.DataFrame:
+    """Roles of a cohort that uses a trained QC model: every labelled subject ``test``, the others ``unlabelled``."""
+    if not labelled and not unlabelled:
+        raise CohortError("no usable subject to QC")
+    rows = [{"subject": s, "role": "test"} for s in sorted(labelled)]
+    rows += [{"subject": s, "role": "unlabelled"} for s in sorted(unlabelled)]
+    return pd.DataFrame(rows, columns=["subject", "role"])
+
+
 def subject_table(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per discovered subject: status, reason, files."""
-    cols = ["subject", "status", "reason", "image", "label"]
-    return pd.DataFrame([{c: r.get(c) for c in cols} for r in records], columns=cols).sort_values("subject")
+    """One row per discovered subject: status, reason, whether it has a label file (``labelled``), files."""
+    cols = ["subject", "status", "reason", "labelled", "image", "label"]
+    rows = [{**{c: r.get(c) for c in cols}, "labelled": r.get("has_label", r.get("label") is not None)}
+            for r in records]
+    return pd.DataFrame(rows, columns=cols).sort_values("subject")
 
 
 def write_split(
@@ -61,8 +77,12 @@ def write_split(
     val_fraction: float,
     seed: int,
     on_bad_subject: str = "exclude",
+    train_model: bool = True,
 ) -> pd.DataFrame:
-    """Gather the ingestion records, apply the bad-subject rule, and write both tables atomically."""
+    """Gather the ingestion records, apply the bad-subject rule, and write both tables atomically.
+
+    ``train_model`` False (config ``qc_model``): no train/val subjects, see :func:`evaluation_roles`.
+    """
     records = [read_json(p) for p in inspect_paths]
     table = subject_table(records)
     bad = table[table.status != "ok"]
@@ -74,7 +94,13 @@ def write_split(
     ok = [r for r in records if r["status"] == "ok"]
     labelled = [r["subject"] for r in ok if r.get("has_label")]
     unlabelled = [r["subject"] for r in ok if not r.get("has_label")]
-    split = assign_roles(labelled, unlabelled, test_fraction, val_fraction, seed)
+    if unlabelled:
+        log.info("%d usable subject(s) without a label file: unlabelled (QC of their sources only, no training)",
+                 len(unlabelled))
+    if train_model:
+        split = assign_roles(labelled, unlabelled, test_fraction, val_fraction, seed)
+    else:
+        split = evaluation_roles(labelled, unlabelled)
     log.info("%d subjects usable (%d excluded): %s", len(split), len(bad), split.role.value_counts().to_dict())
     with atomic_path(subjects_tsv) as tmp:
         table.to_csv(tmp, sep="\t", index=False)

@@ -15,7 +15,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "plan": ("fingerprint", "plan"),
     "preprocess": ("preprocess",),
     "degrade": ("degrade", "degrade_manifest"),
-    "models": ("embed", "train_vae", "train_ldm"),
+    "models": ("embed", "import_model", "train_vae", "train_ldm"),
     "infer": ("infer",),
     "score": ("score",),
     "report": ("report",),

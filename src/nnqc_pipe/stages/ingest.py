@@ -27,7 +27,7 @@ def demo_cohort(out_dir: PathLike, n_subjects: int, seed: int) -> None:
 
 
 def inspect(subjects: list[str], image: str, label: str | None, label_values: list[int], out: str,
-            record: PathLike) -> None:
+            record: PathLike, require_labels: bool = False) -> None:
     """Validate a chunk of subjects and write each one's ingestion record.
 
     An invalid subject is not an error: its record says ``status: excluded`` and why (see
@@ -40,12 +40,14 @@ def inspect(subjects: list[str], image: str, label: str | None, label_values: li
         label_values: the label values allowed in label files (besides 0).
         out: ingestion record path pattern with {subject}.
         record: the chunk record to write.
+        require_labels: a missing label file excludes the subject (else the subject is unlabelled).
     """
 
     def work(subject: str) -> list[dict[str, Any]]:
         path = fill(out, subject=subject)
         write_json(inspect_subject(subject, fill(image, subject=subject),
-                                   fill(label, subject=subject) if label else None, label_values), path)
+                                   fill(label, subject=subject) if label else None, label_values,
+                                   require_labels), path)
         return [record_row(subject, "inspect", path)]
 
     rows = run_chunk(subjects, work, lambda s: f"subject {s!r} (image {fill(image, subject=s)})", "inspect")
@@ -53,7 +55,8 @@ def inspect(subjects: list[str], image: str, label: str | None, label_values: li
 
 
 def split(inspect_chunks: list[PathLike], subjects_tsv: PathLike, split_tsv: PathLike, test_fraction: float,
-          val_fraction: float, seed: int, on_bad_subject: Literal["exclude", "fail"] = "exclude") -> None:
+          val_fraction: float, seed: int, on_bad_subject: Literal["exclude", "fail"] = "exclude",
+          train_model: bool = True) -> None:
     """Write ``subjects.tsv`` (all subjects, status, reason) and ``split.tsv`` (usable subjects, role).
 
     Args:
@@ -64,6 +67,8 @@ def split(inspect_chunks: list[PathLike], subjects_tsv: PathLike, split_tsv: Pat
         val_fraction: fraction of the training subjects used for validation.
         seed: seed of the split.
         on_bad_subject: exclude invalid subjects (listed with their reason) or fail the run.
+        train_model: false when the cohort uses a trained QC model (config qc_model): every labelled subject is
+            a test subject.
     """
     write_split(recorded_files(inspect_chunks, "inspect"), subjects_tsv, split_tsv, test_fraction, val_fraction,
-                seed, on_bad_subject)
+                seed, on_bad_subject, train_model)

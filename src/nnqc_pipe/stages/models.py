@@ -12,6 +12,7 @@ from typing import Any
 from nnqc_pipe.chunks import fill, record_row, run_chunk, write_chunk_record
 from nnqc_pipe.data.io import PathLike, read_json
 from nnqc_pipe.data.split import read_split
+from nnqc_pipe.models.bundle import import_bundle, require_expert
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def _role_files(split_tsv: PathLike, folder: PathLike, suffix: str, role: str) -
 
 
 def embed(subjects: list[str], npz: str, plan_json: PathLike, settings: dict[str, Any], out: str,
-          record: PathLike, device: str = "auto") -> None:
+          record: PathLike, device: str = "auto", expert_sha256: str | None = None) -> None:
     """Cache the frozen vision expert's embeddings of every slice of a chunk of subjects (expert loaded once).
 
     Args:
@@ -32,6 +33,8 @@ def embed(subjects: list[str], npz: str, plan_json: PathLike, settings: dict[str
         out: embeddings path pattern with {subject}.
         record: the chunk record to write.
         device: auto (CUDA when present), cpu or cuda.
+        expert_sha256: weights SHA-256 of the expert a QC model from elsewhere (qc_model) was trained with; another
+            expert fails the job ('none': not checked).
     """
     from nnqc_pipe.models.device import resolve_device
     from nnqc_pipe.models.embed import embed_with
@@ -40,6 +43,8 @@ def embed(subjects: list[str], npz: str, plan_json: PathLike, settings: dict[str
 
     cfg = model_settings(settings, read_json(plan_json))["encoder"]
     expert = load_vision_expert(cfg, resolve_device(device), fallback_dir=Path(fill(out, subject="_")).parent)
+    if expert_sha256:
+        require_expert(expert.info, expert_sha256)
     batch_size = int(cfg.get("batch_size", 32))
 
     def work(subject: str) -> list[dict[str, Any]]:
@@ -49,6 +54,20 @@ def embed(subjects: list[str], npz: str, plan_json: PathLike, settings: dict[str
 
     rows = run_chunk(subjects, work, lambda s: f"subject {s!r} ({fill(npz, subject=s)})", "embed")
     write_chunk_record(rows, record)
+
+
+def import_model(bundle: PathLike, models_dir: PathLike, fingerprint_out: PathLike, plan_out: PathLike) -> None:
+    """Use a QC model trained elsewhere (config qc_model): copy its verified bundle into the cohort's results.
+
+    The model card copy gets ``qc_model`` (the bundle's path, training cohort, export date, MANIFEST checksum).
+
+    Args:
+        bundle: the bundle folder (written by nnqc-pipe export-model).
+        models_dir: the cohort's models folder (vae.pt, ldm.pt, model_card.json).
+        fingerprint_out: the cohort's fingerprint.json: the training cohort's fingerprint.
+        plan_out: the cohort's plan.json: the plan the model was trained with.
+    """
+    import_bundle(bundle, models_dir, fingerprint_out, plan_out)
 
 
 def train_vae(split_tsv: PathLike, preprocessed_dir: PathLike, plan_json: PathLike, settings: dict[str, Any],
