@@ -25,8 +25,8 @@ of bisecting, picks the in-bin severity nearest to a random target inside the bi
 when the curve jumps over the bin (a dropped slice or a removed structure can).
 
 Conventions: class indices ``0..C-1`` with 0 = background; DSC of two empty masks is 1, of exactly one empty
-mask 0 (as in ../shared/DESIGN.md); 3D operations take the voxel ``spacing`` in mm so that kernels, blob sizes
-and distances are physical (a 5 mm slice spacing is not dilated across like a 1 mm one).
+mask 0 (the conventions of :mod:`nnqc_pipe.qc.metrics`); 3D operations take the voxel ``spacing`` in mm so that
+kernels, blob sizes and distances are physical (a 5 mm slice spacing is not dilated across like a 1 mm one).
 """
 
 from __future__ import annotations

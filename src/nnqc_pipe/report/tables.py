@@ -35,6 +35,8 @@ import pandas as pd
 from scipy import stats
 
 from nnqc_pipe.data.io import atomic_path, concat_parquet, write_parquet
+from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN
+from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, calibrate
 from nnqc_pipe.qc.decisions import (
     VerdictThresholds,
     assign_verdicts,
@@ -103,6 +105,8 @@ def subjects_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         "n_slices": "int64",
         **_flag_columns(),
         "ood_reason": "str",
+        CALIBRATED_COLUMN: "float64",
+        AGREEMENT_COLUMN: "float64",
         "risk": "float64",
         "verdict": "str",
         "verdict_reason": "str",
@@ -339,15 +343,28 @@ def build_summary(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame
     rows = []
     for (cohort, label), group in subjects.groupby(["cohort", "label"], sort=True):
         for source, members in _source_pools(group):
-            for metric in metric_names(subjects):
-                pred = members[f"{PREDICTED}_{metric}"].to_numpy(dtype=np.float64)
-                real = members[f"{REAL}_{metric}"].to_numpy(dtype=np.float64)
+            for metric, pred_col, real_col in _summary_pairs(subjects):
+                pred = members[pred_col].to_numpy(dtype=np.float64)
+                real = members[real_col].to_numpy(dtype=np.float64)
                 detection = failure_detection(pred, real, fail_dsc)
-                if metric != "dsc":
+                if real_col != f"{REAL}_dsc":
                     detection = {k: v for k, v in detection.items() if k not in FAILURE_COLUMNS}
                 rows.append({"cohort": cohort, "source": source, "label": label, "metric": metric,
                              **detection, **_agreement(pred, real)})
     return _typed(pd.DataFrame(rows), SUMMARY_SCHEMA)
+
+
+# Other predictors of the real DSC in the summary, each a row ``metric`` of its own: the calibrated nnQC score and
+# the inter-source agreement baseline (nnqc_pipe.qc.calibration, nnqc_pipe.qc.baselines).
+EXTRA_PREDICTORS = {"calibrated_dsc": CALIBRATED_COLUMN, "agreement_dsc": AGREEMENT_COLUMN}
+
+
+def _summary_pairs(subjects: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(metric name, predicted column, real column) of every summary row: the metrics, then the extra predictors
+    of the real DSC that ``subjects`` has values of."""
+    pairs = [(m, f"{PREDICTED}_{m}", f"{REAL}_{m}") for m in metric_names(subjects)]
+    extra = [(name, col) for name, col in EXTRA_PREDICTORS.items() if col in subjects and subjects[col].notna().any()]
+    return pairs + [(name, col, f"{REAL}_dsc") for name, col in extra]
 
 
 def _source_pools(group: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -415,6 +432,18 @@ def _kendall_tau(predicted: pd.Series, real: pd.Series) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
+def add_predictors(subjects: pd.DataFrame, agreement: pd.DataFrame | None
+                   ) -> tuple[pd.DataFrame, dict[str, dict[str, object]]]:
+    """The subjects table with ``calibrated_dsc`` (isotonic map fitted on the labelled rows, cross-validated) and
+    the inter-source agreement baseline (null where not computed); also how the calibration was fitted."""
+    schema = subjects_schema(metric_names(subjects))
+    if agreement is not None and not agreement.empty:
+        subjects = subjects.drop(columns=AGREEMENT_COLUMN).merge(agreement, on=["subject", "source", "label"],
+                                                                 how="left")
+    subjects[CALIBRATED_COLUMN], calibration = calibrate(subjects)
+    return _typed(subjects, schema), calibration
+
+
 def build_selection(subjects: pd.DataFrame, use_pgt_when_all_fail: bool, fail_dsc: float) -> pd.DataFrame:
     """The best source per subject by predicted foreground DSC (:func:`nnqc_pipe.qc.decisions.select_sources`)."""
     selection = select_sources(subjects, FOREGROUND, use_pgt_when_all_fail=use_pgt_when_all_fail, fail_dsc=fail_dsc)
@@ -433,6 +462,7 @@ def write_report(
     ood: pd.DataFrame | None = None,
     use_pgt_when_all_fail: bool = False,
     review_slices_per_subject: int = 5,
+    agreement: pd.DataFrame | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Build the report tables from the scores files and write them to ``out_dir``.
 
@@ -450,15 +480,15 @@ def write_report(
     other = sorted(set(scores["cohort"]) - {cohort})
     if other:
         raise ValueError(f"cohort {cohort!r}: scores files contain rows of other cohorts {other}")
-    tables = {
-        "subjects": build_subjects(scores, qc_pass_dsc, thresholds, ood),
-        "slices": build_slices(scores),
-    }
+    subjects = build_subjects(scores, qc_pass_dsc, thresholds, ood)
+    subjects, calibration = add_predictors(subjects, agreement)
+    tables = {"subjects": subjects, "slices": build_slices(scores)}
     tables["summary"] = build_summary(tables["subjects"], thresholds.fail_dsc)
     tables["ranking"] = build_ranking(tables["subjects"], ranking_metric, ranking_label)
     tables["selection"] = build_selection(tables["subjects"], use_pgt_when_all_fail, thresholds.fail_dsc)
     tables["review"] = review_slices(tables["slices"], tables["subjects"], review_slices_per_subject)
-    common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc, "verdict_thresholds": asdict(thresholds)}
+    common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc, "verdict_thresholds": asdict(thresholds),
+              "calibration": calibration}
     tau = _single_tau(tables["ranking"])
     extra_meta = {
         "ranking": {"kendall_tau": tau, "ranking_metric": ranking_metric, "ranking_label": ranking_label},

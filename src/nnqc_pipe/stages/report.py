@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from nnqc_pipe import __version__
-from nnqc_pipe.chunks import recorded_files
+from nnqc_pipe.chunks import read_chunk_records
 from nnqc_pipe.data.io import PathLike, file_sha256, read_json, write_parquet
+from nnqc_pipe.qc.baselines import agreement_table
 from nnqc_pipe.qc.decisions import VerdictThresholds
 from nnqc_pipe.report import figures
 from nnqc_pipe.report.review import error_region_table, write_selected_masks
@@ -52,11 +53,16 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
         "model_card": read_json(models / "model_card.json"),
     }
     thresholds = verdict_thresholds(settings)
-    tables = write_report(recorded_files(score_chunks, "scores"), out_dir, cohort, settings["qc_pass_dsc"], metadata,
+    plan_ = read_json(plan_json)
+    records = read_chunk_records(score_chunks)
+    scores = records.loc[records["kind"] == "scores"]
+    agreement = agreement_table(scores[["subject", "source"]], candidates,
+                                dict(zip(plan_["label_values"], plan_["label_names"], strict=True)))
+    tables = write_report(scores["path"].tolist(), out_dir, cohort, settings["qc_pass_dsc"], metadata,
                           thresholds=thresholds,
                           use_pgt_when_all_fail=settings["selection"]["use_pgt_when_all_fail"],
-                          review_slices_per_subject=settings["review_slices_per_subject"])
-    regions = error_region_table(tables["subjects"], candidates, pgt, read_json(plan_json)["slicing_axis"])
+                          review_slices_per_subject=settings["review_slices_per_subject"], agreement=agreement)
+    regions = error_region_table(tables["subjects"], candidates, pgt, plan_["slicing_axis"])
     write_parquet(regions, Path(out_dir) / "error_regions.parquet", metadata)
     write_selected_masks(tables["selection"], candidates, pgt, selected)
     write_figures(tables, Path(figures_dir), Path(results_dir), candidates, settings, thresholds)

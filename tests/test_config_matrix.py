@@ -1,0 +1,106 @@
+"""The config matrix (the Snakemake catalog's `.test/config_*` habit): the workflow end to end on phantoms with
+settings the labelled demo does not exercise, checking the decisions the report writes.
+
+- ``decisions``: a user source next to gt and the degraded levels, error maps off; the report's verdicts,
+  exclusions, selection (+ selected masks), review lists and baselines; a threshold change reruns only ``report``.
+- ``no_expert``: conditioning mode ``none`` (no vision expert, no embed jobs).
+"""
+
+from __future__ import annotations
+
+import re
+
+import nibabel as nib
+import pandas as pd
+import pytest
+from test_workflow import base_config, run_snakemake
+
+from nnqc_pipe.data.io import read_parquet_metadata
+
+pytestmark = pytest.mark.slow
+
+
+def matrix_config(workdir, **extra) -> dict:
+    data = workdir / "results" / "e2e" / "data"
+    labels = f"{data}/labelsTr/{{subject}}.nii.gz"
+    return base_config(workdir, f"{data}/imagesTr/{{subject}}.nii.gz", labels,
+                       demo={"enabled": True, "n_subjects": 6, "seed": 3}, **extra)
+
+
+@pytest.fixture(scope="module")
+def decisions_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("decisions")
+    config = matrix_config(workdir, inference={"ddim_steps": 3, "save_error_maps": False})
+    config["sources"] = {"manual_copy": config["labels"]}  # a perfect "segmenter": the labels themselves
+    proc = run_snakemake(config, workdir)
+    assert proc.returncode == 0, "workflow failed"
+    return workdir, config, workdir / "results" / "e2e"
+
+
+def test_error_maps_off_writes_none(decisions_run):
+    _, _, out = decisions_run
+    assert not (out / "errors").exists()
+    assert (out / "report" / "figures" / "worst_overlays.png").stat().st_size > 1000  # overlays need no error maps
+
+
+def test_verdicts_exclusions_and_baselines(decisions_run):
+    _, _, out = decisions_run
+    subjects = pd.read_parquet(out / "report" / "subjects.parquet")
+    assert set(subjects.verdict) <= {"PASS", "REVIEW", "FAIL"} and subjects.verdict_reason.str.len().gt(0).all()
+    assert subjects.risk.between(0, 1).all()
+    fg = subjects[subjects.label == "foreground"].set_index(["source", "subject"])
+    # gt and the user's copy are compared with each other's consensus: identical masks agree perfectly
+    assert (fg.loc["gt", "baseline_agreement_dsc"] == 1.0).all()
+    assert fg.loc["degraded_L1", "baseline_agreement_dsc"].lt(0.5).all()
+    exclusions = pd.read_csv(out / "report" / "exclusions.tsv", sep="\t")
+    assert list(exclusions.columns) == ["subject", "source", "label", "verdict", "risk", "reason"]
+    flagged = subjects[subjects.verdict != "PASS"]
+    assert len(exclusions) == len(flagged) and set(exclusions.verdict) <= {"REVIEW", "FAIL"}
+    assert "degraded_L1" in set(exclusions.source)  # the worst level fails
+    summary = pd.read_parquet(out / "report" / "summary.parquet")
+    dsc = summary[(summary.metric == "dsc") & (summary.label == "foreground")].set_index("source")
+    assert dsc.loc["all", "failure_auc"] >= 0.5 and dsc.loc["all", "n_fail"] > 0
+    assert "agreement_dsc" in set(summary.metric)
+
+
+def test_selection_and_review_lists(decisions_run):
+    _, _, out = decisions_run
+    split = pd.read_csv(out / "split.tsv", sep="\t")
+    test_subjects = sorted(split[split.role == "test"].subject)
+    selection = pd.read_parquet(out / "report" / "selection.parquet")
+    assert sorted(selection.subject) == test_subjects and set(selection.selected_source) == {"manual_copy"}
+    assert (selection.real_dsc == 1.0).all()
+    for subject in test_subjects:
+        selected = nib.load(out / "selected" / f"{subject}.nii.gz")
+        assert selected.shape == nib.load(out / "data" / "imagesTr" / f"{subject}.nii.gz").shape
+    meta = read_parquet_metadata(out / "report" / "selection.parquet")
+    assert meta["selection_summary"]["selection_real_dsc"] == 1.0
+    review = pd.read_parquet(out / "report" / "review.parquet")
+    regions = pd.read_parquet(out / "report" / "error_regions.parquet")
+    subjects = pd.read_parquet(out / "report" / "subjects.parquet")
+    flagged = set(map(tuple, subjects.loc[subjects.verdict != "PASS", ["source", "subject"]].to_numpy()))
+    assert set(map(tuple, review[["source", "subject"]].to_numpy())) <= flagged
+    assert review["rank"].tolist() == list(range(1, len(review) + 1))
+    assert set(regions.kind) <= {"missed", "extra", "class_confusion"} and (regions.volume_mm3 > 0).all()
+    for figure in ("verdicts.png", "risk_coverage.png", "review_gallery.png", "predicted_distributions.png"):
+        assert (out / "report" / "figures" / figure).stat().st_size > 1000
+
+
+def test_threshold_change_reruns_only_the_report(decisions_run):
+    workdir, config, _ = decisions_run
+    changed = {**config, "report": {"fail_risk": 0.8, "review_risk": 0.3}}
+    proc = run_snakemake(changed, workdir, "-n")
+    assert proc.returncode == 0
+    jobs = re.findall(r"^(\w+)\s+\d+$", proc.stdout, flags=re.MULTILINE)
+    assert "report" in jobs and set(jobs) - {"report", "all", "total"} == set(), proc.stdout[-2000:]
+
+
+def test_conditioning_mode_none_runs_without_the_vision_expert(tmp_path):
+    config = matrix_config(tmp_path, model={"vae": {"epochs": 1}, "ldm": {"epochs": 1, "val_every": 1},
+                                            "experts": {"mode": "none"}})
+    proc = run_snakemake(config, tmp_path)
+    assert proc.returncode == 0
+    out = tmp_path / "results" / "e2e"
+    assert not (out / "embeddings").exists() and not (out / "chunks" / "embed").exists()
+    subjects = pd.read_parquet(out / "report" / "subjects.parquet")
+    assert subjects.predicted_dsc.notna().all() and len(subjects) > 0
