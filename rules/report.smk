@@ -9,6 +9,7 @@ rule report:
         vae=f"{MODELS}/vae.pt",
         ldm=f"{MODELS}/ldm.pt",
         plan=f"{OUT}/plan.json",
+        fingerprint=f"{OUT}/fingerprint.json",
     output:
         subjects=f"{OUT}/report/subjects.parquet",
         slices=f"{OUT}/report/slices.parquet",
@@ -68,6 +69,7 @@ rule report:
         model_dir=lambda w, input: os.path.dirname(input.ldm),
         candidates=lambda w: as_json(CANDIDATES),
         pgt=pattern("pgt"),
+        inspect=pattern("inspect"),
         selected=pattern("selected"),
         results_dir=lambda w, input: os.path.dirname(input.plan),
     conda:
@@ -79,6 +81,6 @@ rule report:
     shell:
         "python -m nnqc_pipe report --score-chunks {input.scores} --out-dir {params.out_dir} --cohort {params.cohort} "
         "--settings {params.settings:q} --config-digest {params.digest} --model-dir {params.model_dir} "
-        "--plan-json {input.plan} --candidates {params.candidates:q} --pgt {params.pgt:q} "
+        "--plan-json {input.plan} --fingerprint-json {input.fingerprint} --inspect {params.inspect:q} --candidates {params.candidates:q} --pgt {params.pgt:q} "
         "--selected {params.selected:q} --figures-dir {params.figures_dir} --results-dir {params.results_dir} "
         "> {log} 2>&1"

@@ -26,7 +26,7 @@ from nnqc_pipe.models.ldm import (
     toe_kwargs,
     unet_kwargs,
 )
-from nnqc_pipe.models.pgt import PGTModels, generate_pgt, slice_uncertainty
+from nnqc_pipe.models.pgt import PGTModels, generate_pgt, slice_uncertainty, start_timesteps
 from nnqc_pipe.models.train_ldm import LDMTrainer
 from nnqc_pipe.qc.metrics import class_dice
 
@@ -303,3 +303,28 @@ def test_prediction_types_have_their_targets_and_loss_weights(cfg, kind):
     if kind == "epsilon":  # the almost noise-free step is down-weighted, the pure-noise step is not
         assert weights[kind][0] < 0.01 and weights[kind][1] == 1.0
     assert ddim_scheduler(cfg, 5).prediction_type == kind
+
+
+def test_partial_noise_start_runs_fewer_steps_and_depends_on_the_candidate(cfg):
+    """start_strength < 1 starts from the candidate's noised latent: the earliest DDIM steps are skipped, and a
+    different candidate changes the start as well as the condition."""
+    scheduler = ddim_scheduler(cfg, 10)
+    assert len(start_timesteps(scheduler, 1.0)) == 10
+    half = start_timesteps(scheduler, 0.5)
+    assert 0 < len(half) < 10 and int(half.max()) <= 500
+    models = _models(cfg)
+    with torch.no_grad():  # MONAI zero-initialises the UNet's output layer: give it weights so x0 depends on x_t
+        for param in models.ldm.parameters():
+            if not param.abs().sum():
+                param.normal_(0, 0.1)
+    rng = np.random.default_rng(0)
+    cand = rng.integers(0, 3, (3, 32, 32)).astype(np.uint8)
+    ratio = np.linspace(0, 1, 3).astype(np.float32)
+    emb = _embeddings(3)
+    a = generate_pgt(models, cand, ratio, emb, ddim_steps=4, seed=1, start_strength=0.3)
+    b = generate_pgt(models, cand, ratio, emb, ddim_steps=4, seed=1, start_strength=0.3)
+    full = generate_pgt(models, cand, ratio, emb, ddim_steps=4, seed=1)
+    np.testing.assert_allclose(a.probabilities, b.probabilities)
+    assert not np.allclose(a.probabilities, full.probabilities)
+    with pytest.raises(ValueError, match="start_strength"):
+        generate_pgt(models, cand, ratio, emb, ddim_steps=4, start_strength=0.0)

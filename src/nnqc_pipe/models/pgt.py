@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from nnqc_pipe.models.autoencoder import build_autoencoder, latent_factor
+from nnqc_pipe.models.autoencoder import build_autoencoder, latent_factor, one_hot
 from nnqc_pipe.models.device import resolve_device
 from nnqc_pipe.models.ldm import ConditionalLDM, ddim_scheduler, spatial_condition
 
@@ -98,6 +98,7 @@ def generate_pgt(
     n_samples: int = 1,
     batch_size: int = 32,
     seed: int = 0,
+    start_strength: float = 1.0,
 ) -> PGT:
     """pGT for every slice of a subject.
 
@@ -105,7 +106,14 @@ def generate_pgt(
     subject's E2 cache (``pooled``, ``tokens``; needed for conditioning modes ``image`` and ``full``), ``image``
     [S, H, W] the preprocessed image slices (needed when the model was trained with ``ldm.image_input``).
     ``batch_size`` counts network inputs, i.e. slices x samples.
+
+    ``start_strength`` in (0, 1]: 1 starts the reverse diffusion from pure noise (the paper); below 1 it starts
+    from the candidate's own latent noised to that fraction of the schedule (an SDEdit start) and runs only the
+    remaining DDIM steps, so an on-manifold candidate is kept and a broken one is pulled to the nearest plausible
+    mask.
     """
+    if not 0.0 < start_strength <= 1.0:
+        raise ValueError(f"start_strength must lie in (0, 1], got {start_strength}")
     dev, n_classes = models.device, models.n_classes
     if models.ldm.toe.uses_image and embeddings is None:
         raise ValueError(f"conditioning mode {models.ldm.toe.mode!r} needs the subject's image embeddings")
@@ -120,6 +128,7 @@ def generate_pgt(
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((n_slices, n_samples, *latent_shape), generator=generator)
     scheduler = ddim_scheduler(models.cfg, ddim_steps)
+    timesteps_run = start_timesteps(scheduler, start_strength)
     probabilities = np.empty((n_slices, n_classes, height, width), dtype=np.float32)
     uncertainty = np.empty(n_slices, dtype=np.float32)
     step = max(1, batch_size // n_samples)
@@ -133,7 +142,9 @@ def generate_pgt(
         tokens = _repeat(embeddings["tokens"], index, n_samples, dev) if embeddings is not None else None
         context = models.ldm.context(ratio, pooled, tokens)
         latents = noise[index].flatten(0, 1).to(dev)
-        for t in scheduler.timesteps:
+        if start_strength < 1.0:
+            latents = noised_candidate(models, cand, latents, scheduler, int(timesteps_run[0]), n_samples)
+        for t in timesteps_run:
             timesteps = torch.full((latents.shape[0],), int(t), device=dev, dtype=torch.long)
             eps = models.ldm.denoise(latents, timesteps, cand_latent, context)
             latents, _ = scheduler.step(eps, int(t), latents)
@@ -142,6 +153,24 @@ def generate_pgt(
         probabilities[index] = samples.mean(1).cpu().numpy()
         uncertainty[index] = slice_uncertainty(samples, cand).cpu().numpy()
     return PGT(probabilities, uncertainty)
+
+
+def start_timesteps(scheduler: Any, strength: float) -> torch.Tensor:
+    """The DDIM timesteps run from ``strength`` of the schedule down (all of them at strength 1)."""
+    steps = scheduler.timesteps
+    if strength >= 1.0:
+        return steps
+    keep = steps <= strength * scheduler.num_train_timesteps
+    return steps[keep] if keep.any() else steps[-1:]
+
+
+def noised_candidate(models: PGTModels, candidate: torch.Tensor, noise: torch.Tensor, scheduler: Any, t0: int,
+                     n_samples: int) -> torch.Tensor:
+    """The candidate's latent (encoder mean, scaled as in training) noised to timestep ``t0`` with ``noise``."""
+    z0 = models.vae.encode(one_hot(candidate, models.n_classes))[0] * models.scale_factor
+    z0 = z0.repeat_interleave(n_samples, 0)
+    timesteps = torch.full((z0.shape[0],), t0, device=z0.device, dtype=torch.long)
+    return scheduler.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
 
 
 def slice_uncertainty(samples: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ def infer_subject(
         n_samples=int(inference_cfg["samples"]),
         batch_size=int(inference_cfg["batch_size"]),
         seed=seed,
+        start_strength=float(inference_cfg.get("start_strength", 1.0)),
     )
     pgt_indices = invert_probabilities(result.probabilities, record)
     _, original_index = original_slice_order(record)

@@ -48,6 +48,7 @@ from nnqc_pipe.qc.decisions import (
     selection_summary,
 )
 from nnqc_pipe.qc.metrics import FLAGS, FOREGROUND, HIGHER_IS_BETTER, METRICS
+from nnqc_pipe.qc.ood import ood_table
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,10 @@ def ranking_schema(metric: str = "dsc") -> dict[str, str]:
         "predicted_rank": "Int64",
         "real_rank": "Int64",
         "kendall_tau": "float64",
+        "n_out_of_distribution": "int64",
+        "n_pass": "int64",
+        "n_review": "int64",
+        "n_fail": "int64",
     }
 
 
@@ -390,7 +395,8 @@ def _agreement(predicted: np.ndarray, real: np.ndarray) -> dict[str, float | int
 
 
 def build_ranking(subjects: pd.DataFrame, metric: str = "dsc", label: str = FOREGROUND) -> pd.DataFrame:
-    """One row per (cohort, source): mean predicted/real ``metric`` for ``label``, ranks and Kendall τ.
+    """One row per (cohort, source): mean predicted/real ``metric`` for ``label``, ranks, Kendall τ, and the counts
+    of candidates out of the training distribution and of each verdict.
 
     Rank 1 is the best source (highest mean for DSC-like metrics, lowest for HD95/RAVD); a source without
     real values has a null ``real_rank``. ``kendall_tau`` (same value on every row of a cohort) compares the
@@ -415,7 +421,18 @@ def build_ranking(subjects: pd.DataFrame, metric: str = "dsc", label: str = FORE
     ranking["real_rank"] = by_cohort[real_col].rank(method="min", ascending=not descending)
     taus = {c: _kendall_tau(g[pred_col], g[real_col]) for c, g in by_cohort}
     ranking["kendall_tau"] = ranking["cohort"].map(taus).astype("float64")
+    ranking = ranking.merge(_source_counts(rows), on=["cohort", "source"], how="left")
     return _typed(ranking, ranking_schema(metric))
+
+
+def _source_counts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (cohort, source): candidates out of the training distribution and verdict counts."""
+    flags = rows.get("flag_out_of_distribution", pd.Series(False, index=rows.index)).astype("boolean").fillna(False)
+    verdicts = rows.get("verdict", pd.Series("", index=rows.index))
+    counts = rows[["cohort", "source"]].assign(
+        n_out_of_distribution=flags.astype(int), n_pass=(verdicts == "PASS").astype(int),
+        n_review=(verdicts == "REVIEW").astype(int), n_fail=(verdicts == "FAIL").astype(int))
+    return counts.groupby(["cohort", "source"], sort=True).sum().reset_index()
 
 
 def _kendall_tau(predicted: pd.Series, real: pd.Series) -> float:
@@ -459,7 +476,7 @@ def write_report(
     ranking_metric: str = "dsc",
     ranking_label: str = FOREGROUND,
     thresholds: VerdictThresholds | None = None,
-    ood: pd.DataFrame | None = None,
+    ood_inputs: tuple[Mapping[str, dict], dict] | None = None,
     use_pgt_when_all_fail: bool = False,
     review_slices_per_subject: int = 5,
     agreement: pd.DataFrame | None = None,
@@ -471,7 +488,9 @@ def write_report(
     Every Parquet file's schema metadata holds ``metadata`` (pipeline version, config hash, checkpoint hashes)
     plus ``cohort``, ``qc_pass_dsc`` and the verdict thresholds; ``ranking.parquet`` also holds ``kendall_tau``,
     ``ranking_metric`` and ``ranking_label``; ``selection.parquet`` the real DSC of the selection against the best
-    single source and an oracle (where ground truth exists). Returns the tables by name.
+    single source and an oracle (where ground truth exists). ``ood_inputs`` (ingestion records by subject, training
+    fingerprint) flags the candidates outside the training range (:func:`nnqc_pipe.qc.ood.ood_table`). Returns the
+    tables by name.
     """
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
     scores = concat_parquet(scores_paths)
@@ -480,6 +499,10 @@ def write_report(
     other = sorted(set(scores["cohort"]) - {cohort})
     if other:
         raise ValueError(f"cohort {cohort!r}: scores files contain rows of other cohorts {other}")
+    ood = None
+    if ood_inputs is not None:
+        records, fingerprint = ood_inputs
+        ood = ood_table(dict(records), fingerprint, scores[scores["level"] == "volume"])
     subjects = build_subjects(scores, qc_pass_dsc, thresholds, ood)
     subjects, calibration = add_predictors(subjects, agreement)
     tables = {"subjects": subjects, "slices": build_slices(scores)}

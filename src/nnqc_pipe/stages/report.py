@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nnqc_pipe import __version__
-from nnqc_pipe.chunks import read_chunk_records
+from nnqc_pipe.chunks import fill, read_chunk_records
 from nnqc_pipe.data.io import PathLike, file_sha256, read_json, write_parquet
 from nnqc_pipe.qc.baselines import agreement_table
 from nnqc_pipe.qc.decisions import VerdictThresholds
@@ -26,8 +26,8 @@ def verdict_thresholds(report_cfg: dict[str, Any]) -> VerdictThresholds:
 
 
 def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, settings: dict[str, Any],
-           config_digest: str, model_dir: PathLike, plan_json: PathLike, candidates: dict[str, str], pgt: str,
-           selected: str, figures_dir: PathLike, results_dir: PathLike) -> None:
+           config_digest: str, model_dir: PathLike, plan_json: PathLike, fingerprint_json: PathLike, inspect: str,
+           candidates: dict[str, str], pgt: str, selected: str, figures_dir: PathLike, results_dir: PathLike) -> None:
     """The report tables and decisions (with provenance metadata) and the figures of the HTML report.
 
     Args:
@@ -39,6 +39,8 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
         config_digest: hash of the config (provenance).
         model_dir: folder with vae.pt, ldm.pt and model_card.json.
         plan_json: the cohort's plan.json (slicing axis of the review regions).
+        fingerprint_json: the training fingerprint (ranges of the domain-shift flags).
+        inspect: ingestion record path pattern with {subject}.
         candidates: JSON object source -> candidate mask path pattern with {subject}.
         pgt: pGT path pattern with {source} and {subject}.
         selected: path pattern with {subject} of the selected mask per subject.
@@ -46,22 +48,26 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
         results_dir: the cohort's results folder (overlays read pGTs and preprocessed stacks there).
     """
     models = Path(model_dir)
+    card = read_json(models / "model_card.json")
     metadata = {
         "pipeline_version": __version__,
         "config_hash": config_digest,
         "checkpoints": {name: file_sha256(models / name) for name in ("vae.pt", "ldm.pt")},
-        "model_card": read_json(models / "model_card.json"),
+        "model_card": card,
+        "qc_model_from": card.get("qc_model"),
     }
     thresholds = verdict_thresholds(settings)
     plan_ = read_json(plan_json)
     records = read_chunk_records(score_chunks)
     scores = records.loc[records["kind"] == "scores"]
+    records = {s: read_json(fill(inspect, subject=s)) for s in sorted(set(scores["subject"]))}
     agreement = agreement_table(scores[["subject", "source"]], candidates,
                                 dict(zip(plan_["label_values"], plan_["label_names"], strict=True)))
     tables = write_report(scores["path"].tolist(), out_dir, cohort, settings["qc_pass_dsc"], metadata,
                           thresholds=thresholds,
                           use_pgt_when_all_fail=settings["selection"]["use_pgt_when_all_fail"],
-                          review_slices_per_subject=settings["review_slices_per_subject"], agreement=agreement)
+                          review_slices_per_subject=settings["review_slices_per_subject"], agreement=agreement,
+                          ood_inputs=(records, read_json(fingerprint_json)))
     regions = error_region_table(tables["subjects"], candidates, pgt, plan_["slicing_axis"])
     write_parquet(regions, Path(out_dir) / "error_regions.parquet", metadata)
     write_selected_masks(tables["selection"], candidates, pgt, selected)
