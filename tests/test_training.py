@@ -123,7 +123,7 @@ def vae_dir(cohort) -> Path:
 
 def test_vae_writes_outputs_and_curves(vae_dir):
     ckpt = torch.load(vae_dir / "vae.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 4 and 0.0 <= ckpt["best_val_dice"] <= 1.0
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 4 and 0.0 <= ckpt["best_score"] <= 1.0
     assert {"model", "discriminator", "opt_g", "opt_d", "best_model", "config_hash"} <= ckpt.keys()
     assert ckpt["perceptual"]["enabled"] is False and "reason" in ckpt["perceptual"]
     curves = pd.read_csv(vae_dir / "vae_curves.csv")
@@ -169,10 +169,15 @@ def test_ldm_writes_full_state_curves_and_model_card(ldm_dir, vae_dir):
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 4 and ckpt["scale_factor"] > 0
     curves = pd.read_csv(ldm_dir / "ldm_curves.csv")
     assert {"loss", "val_dice", "val_dice_s0.3", "val_dice_s0.5", "seconds", "slices_per_s"} <= set(curves.columns)
+    # the QC error of the validation candidates is measured too: 1 - mean |predicted DSC - real DSC|
+    assert {"val_qc", "val_qc_mae_s0.3", "val_qc_mae_s0.5"} <= set(curves.columns)
+    qc = curves.dropna(subset=["val_qc"])
+    assert np.allclose(qc["val_qc"], 1 - qc[["val_qc_mae_s0.3", "val_qc_mae_s0.5"]].mean(axis=1))
     card = json.loads((ldm_dir / "model_card.json").read_text())
     assert card["encoder"]["architecture"] == "nnqc-tiny-vit" and card["encoder"]["pretrained"] is False
     assert card["perceptual_loss"]["enabled"] is False
-    assert card["scale_factor"] == ckpt["scale_factor"] and card["ldm"]["best_val_dice"] == ckpt["best_val_dice"]
+    assert card["scale_factor"] == ckpt["scale_factor"]
+    assert card["ldm"]["best_val_dice"] == ckpt["best_scores"]["val_dice"] and card["ldm"]["selected_on"] == "val_dice"
     assert set(card["checkpoints"]) == {"vae.pt", "ldm.pt"} and card["preset"] == "cpu"
     assert set(card["ldm"]["candidate_scores"]) == {"candidate_dice_s0.3", "candidate_dice_s0.5"}
 

@@ -17,6 +17,7 @@ from nnqc_pipe.config import config_hash, deep_merge
 
 CONDITIONING_MODES = ("none", "image", "position", "full")
 CANDIDATE_ENCODINGS = ("coverage", "vae", "unshuffle")
+SELECTION_SCORES = ("val_dice", "val_qc")
 RUN_LENGTH_KEYS = ("epochs", "max_minutes", "patience")
 
 _COMMON: dict[str, Any] = {
@@ -32,7 +33,10 @@ _COMMON: dict[str, Any] = {
     },
     # The paper's spatial condition is the candidate's coverage at latent size, the image only reaches the LDM
     # through E2; the cpu/tiny presets feed candidate and image losslessly (see models/ldm.py).
-    "ldm": {"candidate_encoding": "unshuffle", "image_input": True, "min_snr_gamma": 5.0},
+    # Checkpoint selection: "val_dice" (pGT Dice against GT) or "val_qc" (1 − |predicted − real DSC| of the
+    # validation candidates); validation pGTs start from pure noise unless val_start_strength < 1 (SDEdit).
+    "ldm": {"candidate_encoding": "unshuffle", "image_input": True, "min_snr_gamma": 5.0, "select_on": "val_dice",
+            "val_start_strength": 1.0},
     "noise": {
         "n_train_timesteps": 1000,
         "schedule": "scaled_linear_beta",
@@ -219,6 +223,8 @@ def _validate(cfg: dict[str, Any]) -> None:
             raise ValueError(f"{section}.channels {bad} are not multiples of {section}.norm_num_groups={groups}")
         if len(cfg[section]["attention_levels"]) != len(cfg[section]["channels"]):
             raise ValueError(f"{section}.attention_levels must have one entry per {section}.channels level")
+    if cfg["ldm"]["select_on"] not in SELECTION_SCORES:
+        raise ValueError(f"ldm.select_on must be one of {SELECTION_SCORES}")
     if cfg["ldm"]["candidate_encoding"] not in CANDIDATE_ENCODINGS:
         raise ValueError(f"ldm.candidate_encoding must be one of {CANDIDATE_ENCODINGS}")
     mode = cfg["experts"]["mode"]

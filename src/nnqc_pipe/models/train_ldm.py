@@ -101,8 +101,15 @@ def validate(
     embeddings: dict | None,
     cfg: dict[str, Any],
 ) -> dict[str, float]:
-    """Mean per-subject pGT Dice per validation severity and overall (the checkpoint-selection score)."""
+    """Validation scores of the pGTs of the validation cases, per severity and overall.
+
+    ``val_dice``: mean per-subject pGT Dice against the GT. ``val_qc``: 1 − the QC error, the mean absolute
+    difference between the predicted DSC (candidate vs pGT) and the real DSC (candidate vs GT) — what the tool is
+    judged by; with clean and lightly corrupted severities among ``ldm.val_severities`` it covers the
+    high-quality regime. ``ldm.select_on`` names the score whose best epoch is kept.
+    """
     by_severity: dict[float, list[float]] = {}
+    errors: dict[float, list[float]] = {}
     for case in cases:
         emb = {k: v[case["rows"]] for k, v in embeddings.items()} if embeddings is not None else None
         pgt = generate_pgt(
@@ -115,11 +122,19 @@ def validate(
             n_samples=1,
             batch_size=cfg["inference"]["batch_size"],
             seed=VALIDATION_SEED,
+            start_strength=cfg["ldm"]["val_start_strength"],
         )
-        dice = class_dice(pgt.probabilities.argmax(1), case["label"], models.n_classes).mean()
+        pgt_mask = pgt.probabilities.argmax(1)
+        dice = class_dice(pgt_mask, case["label"], models.n_classes).mean()
         by_severity.setdefault(case["severity"], []).append(float(dice))
+        predicted = class_dice(case["candidate"], pgt_mask, models.n_classes).mean()
+        real = class_dice(case["candidate"], case["label"], models.n_classes).mean()
+        errors.setdefault(case["severity"], []).append(abs(float(predicted - real)))
     scores = {f"val_dice_s{s:g}": float(np.mean(v)) for s, v in by_severity.items()}
-    return {"val_dice": float(np.mean(list(scores.values())))} | scores
+    qc = {f"val_qc_mae_s{s:g}": float(np.mean(v)) for s, v in errors.items()}
+    summary = {"val_dice": float(np.mean(list(scores.values()))),
+               "val_qc": 1.0 - float(np.mean(list(qc.values())))}
+    return summary | scores | qc
 
 
 def candidate_scores(cases: list[dict[str, Any]], n_classes: int) -> dict[str, float]:
@@ -177,6 +192,7 @@ class LDMTrainer:
 
     def __init__(self, cfg: dict[str, Any], toe_args: dict[str, Any], device: torch.device) -> None:
         self.cfg, self.lcfg, self.device = cfg, cfg["ldm"], device
+        self.selection_key = self.lcfg["select_on"]
         self.unet_args, self.toe_args = unet_kwargs(cfg), toe_args
         self.model = ConditionalLDM(self.unet_args, toe_args).to(device)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(self.lcfg["ema_decay"]), use_buffers=True)
@@ -326,7 +342,7 @@ def model_card(
             "channels": cfg["vae"]["channels"],
             "latent_channels": cfg["vae"]["latent_channels"],
             "parameters": params["vae"],
-            "best_val_dice": vae_ckpt["best_val_dice"],
+            "best_val_dice": vae_ckpt["best_score"],
             "best_epoch": vae_ckpt["best_epoch"],
             "epochs": vae_ckpt["epoch"],
             "seconds": vae_ckpt["seconds"],
@@ -335,7 +351,9 @@ def model_card(
         "ldm": {
             "channels": cfg["ldm"]["channels"],
             "parameters": params["ldm"],
-            "best_val_dice": ldm_state["best_val_dice"],
+            "best_val_dice": ldm_state["best_scores"].get("val_dice"),
+            "best_val_qc": ldm_state["best_scores"].get("val_qc"),
+            "selected_on": cfg["ldm"]["select_on"],
             "best_epoch": ldm_state["best_epoch"],
             "best_scores": ldm_state["best_scores"],
             "candidate_scores": ldm_state["candidate_scores"],

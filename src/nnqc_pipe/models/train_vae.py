@@ -41,6 +41,7 @@ class VAETrainer:
     :class:`nnqc_pipe.models.training.Trainer` once :meth:`attach` has given it its data)."""
 
     kind = "vae"
+    selection_key = "val_dice"
 
     def __init__(self, cfg: dict[str, Any], device: torch.device) -> None:
         self.cfg, self.vcfg, self.device = cfg, cfg["vae"], device

@@ -14,6 +14,7 @@ start of every epoch, so a resumed run follows exactly the path an uninterrupted
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -156,12 +157,13 @@ class StopRule:
 @dataclass
 class RunState:
     """The bookkeeping of a training run, saved with its state: epochs and steps done, the best validation score
-    (``best_val_dice``: the selection score) and epoch, the per-epoch curves, training seconds over all resumed
-    runs, the weights of the best epoch, and stage-specific facts (``extra``, e.g. the LDM's latent scale)."""
+    (``best_score``: the trainer's selection score; ``best_scores``: every score of that epoch) and its epoch, the
+    per-epoch curves, training seconds over all resumed runs, the weights of the best epoch, and stage-specific
+    facts (``extra``, e.g. the LDM's latent scale)."""
 
     epoch: int = 0
     step: int = 0
-    best_val_dice: float = -1.0
+    best_score: float = -math.inf
     best_epoch: int = 0
     best_scores: dict[str, float] = field(default_factory=dict)
     curves: list[dict[str, Any]] = field(default_factory=list)
@@ -178,7 +180,7 @@ class RunState:
     @classmethod
     def from_state(cls, state: dict[str, Any], extra_keys: Sequence[str] = ()) -> RunState:
         """The bookkeeping of a saved state."""
-        run = cls(**{k: state[k] for k in ("epoch", "step", "best_val_dice", "best_epoch", "curves", "seconds")})
+        run = cls(**{k: state[k] for k in ("epoch", "step", "best_score", "best_epoch", "curves", "seconds")})
         run.best_scores = state.get("best_scores", {})
         run.best_model = state["best_model"]
         run.extra = {k: state[k] for k in extra_keys}
@@ -189,13 +191,14 @@ class Trainer(Protocol):
     """What :func:`fit` drives: one stage's networks, optimisers and data."""
 
     kind: str  # "vae" or "ldm": names the state, curves and log lines
+    selection_key: str  # the validation score whose best epoch is kept (higher is better)
     n_slices: int  # training slices per epoch (throughput in the curves)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch (0-based); the mean losses plus ``steps``."""
 
     def validate(self, epoch: int, final: bool) -> dict[str, float]:
-        """Validation scores after ``epoch`` (1-based) with the selection score under ``val_dice``; ``{}`` when
+        """Validation scores after ``epoch`` (1-based), the selection score under ``selection_key``; ``{}`` when
         this epoch is not validated. ``final``: the last epoch of the run."""
 
     def selected_weights(self) -> dict[str, torch.Tensor]:
@@ -229,8 +232,8 @@ def fit(trainer: Trainer, section: dict[str, Any], run: RunState, out_dir: str |
         run.epoch += 1
         run.step += losses.pop("steps")
         scores = trainer.validate(run.epoch, final=run.epoch == section["epochs"] or stop.time_up)
-        if scores and scores["val_dice"] > run.best_val_dice:
-            run.best_val_dice, run.best_epoch, run.best_scores = scores["val_dice"], run.epoch, scores
+        if scores and scores[trainer.selection_key] > run.best_score:
+            run.best_score, run.best_epoch, run.best_scores = scores[trainer.selection_key], run.epoch, scores
             run.best_model = snapshot(trainer.selected_weights())
         row = {"epoch": run.epoch, "step": run.step, **losses, **scores, "seconds": stop.seconds - started,
                "slices_per_s": trainer.n_slices / max(train_seconds, 1e-9)}
@@ -248,6 +251,6 @@ def fit(trainer: Trainer, section: dict[str, Any], run: RunState, out_dir: str |
     save_state(out_dir / f"{kind}_state.pt", final)
     save_state(out_dir / f"{kind}.pt", final)
     write_curves(out_dir / f"{kind}_curves.csv", run.curves)
-    log.info("%s: best validation score %.4f at epoch %d; %.0f s in total", kind, run.best_val_dice,
+    log.info("%s: best validation %s %.4f at epoch %d; %.0f s in total", kind, trainer.selection_key, run.best_score,
              run.best_epoch, run.seconds)
     return final
