@@ -1,4 +1,4 @@
-"""Inference speed: seconds per slice of pGT generation (``nnqc_pipe.sampling.generate_pgt``) per preset and device.
+"""Inference speed: seconds per slice of pGT generation (``nnqc_pipe.models.pgt.generate_pgt``) per preset and device.
 
 For each case (preset, patch size) the networks are built exactly as training builds them, randomly initialised
 (speed does not depend on the weights): ``presets.resolve`` for the config, the MONAI autoencoder from
