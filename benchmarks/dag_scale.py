@@ -11,6 +11,10 @@ DAG only needs them to exist) and a cohort config for it, then times `snakemake 
 3. ``after-split --profile profiles/slurm``: the same with the cluster profile (its resources per rule; the chunk
    rules' time limits are computed per chunk).
 
+With ``--labelled L`` only the first L subjects have a label file (train/val/test come from them, the others are
+``unlabelled``) and ``--sources K`` gives every subject K user candidate masks; ``--study`` is the population
+study of the README: 10,000 subjects, 500 labelled and 9,500 unlabelled, 3 sources.
+
 Each dry run is run in a fresh process, as a user would. Two figures: "DAG built", the wall time until snakemake
 prints its first job-stats table (Python start, workflow parsing, DAG building incl. the checkpoint update), and
 "snakemake -n", the whole dry run (plus the listing of every job, which formats each job's shell command and
@@ -20,6 +24,7 @@ after-split dry run and prints the top functions (cumulative time), to show wher
 Usage:
     .venv/bin/python benchmarks/dag_scale.py                      # 10,000 subjects
     .venv/bin/python benchmarks/dag_scale.py --n-subjects 2000 --keep --profile
+    .venv/bin/python benchmarks/dag_scale.py --study                      # 500 labelled + 9,500 unlabelled x 3
 """
 
 from __future__ import annotations
@@ -40,15 +45,24 @@ WORKFLOW = REPO  # --workflow: measure another checkout (e.g. a copy with a prop
 TARGET_S = 60.0
 
 
-def make_cohort(root: Path, n: int, chunk_size: int | None = None) -> Path:
-    """Empty image/label placeholders and a cohort config; returns the config path."""
+def subject_names(n: int) -> list[str]:
+    """The placeholder subjects' names, sorted."""
+    return [f"sub{i:05d}" for i in range(n)]
+
+
+def make_cohort(root: Path, n: int, chunk_size: int | None = None, labelled: int | None = None,
+                sources: int = 0) -> Path:
+    """Empty image placeholders, label placeholders for the first ``labelled`` subjects (default: all), ``sources``
+    candidate placeholders per subject, and a cohort config; returns the config path."""
     images, labels = root / "data" / "imagesTr", root / "data" / "labelsTr"
-    images.mkdir(parents=True)
-    labels.mkdir(parents=True)
-    for i in range(n):
-        name = f"sub{i:05d}.nii.gz"
-        (images / name).touch()
-        (labels / name).touch()
+    candidates = [root / "data" / f"model{k}" for k in range(sources)]
+    for folder in (images, labels, *candidates):
+        folder.mkdir(parents=True)
+    n_labelled = n if labelled is None else labelled
+    for i, subject in enumerate(subject_names(n)):
+        name = f"{subject}.nii.gz"
+        for folder in (images, *candidates, *([labels] if i < n_labelled else [])):
+            (folder / name).touch()
     cfg = {
         "cohort": "scale",
         "results": str(root / "results"),
@@ -57,6 +71,7 @@ def make_cohort(root: Path, n: int, chunk_size: int | None = None) -> Path:
         "modality": "MR",
         "label_names": {"1": "foreground"},
         "split": {"test_fraction": 0.2, "seed": 42},
+        "sources": {folder.name: str(folder / "{subject}.nii.gz") for folder in candidates},
     }
     if chunk_size is not None:
         cfg["chunks"] = {"subjects_per_job": chunk_size}
@@ -65,26 +80,29 @@ def make_cohort(root: Path, n: int, chunk_size: int | None = None) -> Path:
     return path
 
 
-def fake_checkpoint(root: Path, n: int, chunk_size: int) -> None:
+def fake_checkpoint(root: Path, n: int, chunk_size: int, labelled: int | None = None) -> None:
     """What `inspect` and the `split` checkpoint would have written: records, chunk records, subjects.tsv and
-    split.tsv."""
+    split.tsv (the first ``labelled`` subjects cut into train/val/test, the others unlabelled)."""
     out = root / "results" / "scale"
     (out / "inspect").mkdir(parents=True, exist_ok=True)
     (out / "chunks" / "inspect").mkdir(parents=True, exist_ok=True)
-    subjects = [f"sub{i:05d}" for i in range(n)]
+    subjects = subject_names(n)
     for s in subjects:
         (out / "inspect" / f"{s}.json").write_text("{}")
     for index, start in enumerate(range(0, n, chunk_size)):
         rows = "".join(f"{s}\t\tinspect\t{out}/inspect/{s}.json\n" for s in subjects[start : start + chunk_size])
         (out / "chunks" / "inspect" / f"all-{index:04d}.tsv").write_text("subject\tsource\tkind\tpath\n" + rows)
     time.sleep(0.05)  # the checkpoint outputs must be newer than its inputs
-    n_test = round(0.2 * n)
-    n_val = round(0.1 * (n - n_test))
-    roles = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
+    n_labelled = n if labelled is None else labelled
+    n_test = round(0.2 * n_labelled)
+    n_val = round(0.1 * (n_labelled - n_test))
+    roles = ["test"] * n_test + ["val"] * n_val + ["train"] * (n_labelled - n_test - n_val)
+    roles += ["unlabelled"] * (n - n_labelled)
     with open(out / "subjects.tsv", "w") as f:
-        f.write("subject\tstatus\treason\timage\tlabel\n")
-        for s in subjects:
-            f.write(f"{s}\tok\t\t{root}/data/imagesTr/{s}.nii.gz\t{root}/data/labelsTr/{s}.nii.gz\n")
+        f.write("subject\tstatus\treason\tlabelled\timage\tlabel\n")
+        for i, s in enumerate(subjects):
+            label = f"{root}/data/labelsTr/{s}.nii.gz" if i < n_labelled else ""
+            f.write(f"{s}\tok\t\t{i < n_labelled}\t{root}/data/imagesTr/{s}.nii.gz\t{label}\n")
     with open(out / "split.tsv", "w") as f:
         f.write("subject\trole\n")
         for s, r in zip(subjects, roles, strict=True):
@@ -144,11 +162,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-subjects", type=int, default=10_000)
     ap.add_argument("--chunk-size", type=int, default=50, help="config chunks.subjects_per_job (default: 50)")
+    ap.add_argument("--labelled", type=int, default=None,
+                    help="subjects with a label file (default: all); the others are unlabelled")
+    ap.add_argument("--sources", type=int, default=0, help="user candidate masks per subject (default: 0)")
+    ap.add_argument("--study", action="store_true",
+                    help="the population study: 10,000 subjects, 500 labelled, 3 sources (overrides the three above)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary cohort folder")
     ap.add_argument("--profile", action="store_true", help="also cProfile the after-split dry run")
     ap.add_argument("--no-slurm", action="store_true", help="skip the dry run with --profile profiles/slurm")
     ap.add_argument("--workflow", type=Path, default=REPO, help="workflow checkout to measure (default: this one)")
     args = ap.parse_args()
+    if args.study:
+        args.n_subjects, args.labelled, args.sources = 10_000, 500, 3
     global WORKFLOW
     WORKFLOW = args.workflow.resolve()
 
@@ -156,14 +181,16 @@ def main() -> int:
     results = []
     try:
         t0 = time.perf_counter()
-        config = make_cohort(root, args.n_subjects, args.chunk_size)
-        print(f"cohort of {args.n_subjects} placeholder subjects in {root} ({time.perf_counter() - t0:.1f} s)")
+        config = make_cohort(root, args.n_subjects, args.chunk_size, args.labelled, args.sources)
+        labelled = args.n_subjects if args.labelled is None else args.labelled
+        print(f"cohort of {args.n_subjects} placeholder subjects ({labelled} labelled, {args.sources} sources) in "
+              f"{root} ({time.perf_counter() - t0:.1f} s)")
 
         t_dag, dt, stats = dry_run(root, config, [], root / "dry-fresh.log")
         results.append(("fresh (stops at the split checkpoint)", t_dag, dt, total_jobs(stats)))
         print(f"\n[fresh] DAG {t_dag:.1f} s, dry run {dt:.1f} s\n{stats}")
 
-        fake_checkpoint(root, args.n_subjects, args.chunk_size)
+        fake_checkpoint(root, args.n_subjects, args.chunk_size, args.labelled)
         t_dag, dt, stats = dry_run(root, config, [], root / "dry-after-split.log")
         results.append(("after split (whole per-subject DAG)", t_dag, dt, total_jobs(stats)))
         print(f"\n[after-split] DAG {t_dag:.1f} s, dry run {dt:.1f} s\n{stats}")
@@ -186,7 +213,8 @@ def main() -> int:
 
         load = os.getloadavg()[0]
         print(
-            f"\n{args.n_subjects} subjects, {args.chunk_size} per chunk job, {os.cpu_count()} CPUs, "
+            f"\n{args.n_subjects} subjects ({labelled} labelled, {args.sources} sources), {args.chunk_size} per "
+            f"chunk job, {os.cpu_count()} CPUs, "
             f"load average {load:.1f} "
             f"(target: DAG built in <= {TARGET_S:.0f} s)"
         )
