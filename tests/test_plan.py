@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import plan_defaults as _defaults
 
 from nnqc_pipe.data.fingerprint import compute_fingerprint
 from nnqc_pipe.data.inspect import inspect_subject
-from nnqc_pipe.data.plan import choose_patch, choose_slicing_axis, make_plan, round_up
+from nnqc_pipe.data.plan import choose_patch, choose_slicing_axis, make_plan, read_plan, round_up
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,18 @@ def test_paper_patch_size_is_taken_as_given():
 def test_ct_normalisation_parameters(fingerprint):
     plan = make_plan({**fingerprint, "modality": "CT"}, _defaults())
     assert plan["normalization"] == "ct" and plan["ct_clip"][0] < plan["ct_clip"][1]
+
+
+def test_read_plan_gives_a_typed_view_and_names_missing_fields(tmp_path):
+    plan = {"slicing_axis": 2, "inplane_axes": [0, 1], "target_spacing": [1.0, 1.0], "patch_size": [48, 48],
+            "n_classes": 3, "label_values": [1, 2], "label_names": ["wall", "cavity"], "normalization": "zscore"}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    view = read_plan(path)
+    assert view.patch_size == (48, 48) and view.label_map == {1: "wall", 2: "cavity"} and view.raw == plan
+    path.write_text(json.dumps({k: v for k, v in plan.items() if k != "patch_size"}))
+    with pytest.raises(ValueError, match="patch_size"):
+        read_plan(path)
+    path.write_text(json.dumps(plan | {"n_classes": 4}))
+    with pytest.raises(ValueError, match="disagree"):
+        read_plan(path)

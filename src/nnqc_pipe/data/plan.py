@@ -20,8 +20,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -106,3 +109,47 @@ def make_plan(fingerprint: dict[str, Any], overrides: dict[str, Any]) -> dict[st
     log.info("plan: slice along RAS axis %d, patch %s at %.3g mm (window %.1f mm)",
              axis, plan["patch_size"], spacing, plan["window_mm"])
     return plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Typed, validated view of ``plan.json`` for the stages (the dict is kept for the functions that take it)."""
+
+    slicing_axis: int
+    inplane_axes: tuple[int, int]
+    target_spacing: tuple[float, float]
+    patch_size: tuple[int, int]
+    n_classes: int
+    label_values: tuple[int, ...]
+    label_names: tuple[str, ...]
+    normalization: str
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, plan: dict[str, Any], source: str = "plan") -> Plan:
+        """Check the fields the stages rely on and build the view; a missing or inconsistent field is named."""
+        missing = [k for k in PLAN_FIELDS if k not in plan]
+        if missing:
+            raise ValueError(f"{source}: plan lacks {missing}; rerun the plan rule")
+        if len(plan["label_values"]) != len(plan["label_names"]) or plan["n_classes"] != 1 + len(plan["label_values"]):
+            raise ValueError(f"{source}: label_values, label_names and n_classes disagree")
+        return cls(slicing_axis=int(plan["slicing_axis"]), inplane_axes=tuple(plan["inplane_axes"]),
+                   target_spacing=tuple(float(v) for v in plan["target_spacing"]),
+                   patch_size=tuple(int(v) for v in plan["patch_size"]), n_classes=int(plan["n_classes"]),
+                   label_values=tuple(int(v) for v in plan["label_values"]),
+                   label_names=tuple(plan["label_names"]), normalization=str(plan["normalization"]), raw=plan)
+
+    @property
+    def label_map(self) -> dict[int, str]:
+        """Label value in the files -> class name."""
+        return dict(zip(self.label_values, self.label_names, strict=True))
+
+
+PLAN_FIELDS = ("slicing_axis", "inplane_axes", "target_spacing", "patch_size", "n_classes", "label_values",
+               "label_names", "normalization")
+
+
+def read_plan(path: str | os.PathLike) -> Plan:
+    """``plan.json`` as a validated :class:`Plan`."""
+    with open(path) as fh:
+        return Plan.from_dict(json.load(fh), str(path))

@@ -15,35 +15,35 @@ from nnqc_pipe.data.io import (
     concat_parquet,
     load_mask_on_grid,
     load_volume,
-    read_json,
     spacing_of,
     write_nifti,
     write_parquet,
 )
+from nnqc_pipe.data.plan import Plan, read_plan
 from nnqc_pipe.data.preprocess import indices_to_values, original_slice_axis, values_to_indices
 from nnqc_pipe.degrade import degrade_subject
 
 log = logging.getLogger(__name__)
 
 
-def degrade_one(subject: str, image: PathLike, label: PathLike, plan_: dict[str, Any], seed: int,
+def degrade_one(subject: str, image: PathLike, label: PathLike, plan_: Plan, seed: int,
                 levels: list[int], out_masks: list[PathLike], manifest: PathLike) -> None:
     """Write the degraded masks of one test subject (original grid) and its manifest rows."""
     img = load_volume(image, subject, "image")
-    values = load_mask_on_grid(label, img, subject, plan_["label_values"], "label")
-    indices = values_to_indices(values, plan_["label_values"])
-    axis = original_slice_axis(img.affine, plan_["slicing_axis"])
-    results = {r["level"]: r for r in degrade_subject(indices, spacing_of(img), plan_["n_classes"], seed, subject,
+    values = load_mask_on_grid(label, img, subject, plan_.label_values, "label")
+    indices = values_to_indices(values, plan_.label_values)
+    axis = original_slice_axis(img.affine, plan_.slicing_axis)
+    results = {r["level"]: r for r in degrade_subject(indices, spacing_of(img), plan_.n_classes, seed, subject,
                                                        axis)}
     rows = []
     for level, path in zip(levels, out_masks, strict=True):
         res = results[level]
-        out = nib.Nifti1Image(indices_to_values(res["mask"], plan_["label_values"]), img.affine, img.header)
+        out = nib.Nifti1Image(indices_to_values(res["mask"], plan_.label_values), img.affine, img.header)
         out.set_data_dtype(np.uint8)
         write_nifti(out, path)
         row = {"subject": subject, "level": level, "source": f"degraded_L{level}", "path": str(path),
                "dsc_foreground": res["dsc_foreground"], "in_bin": bool(res["in_bin"])}
-        for c, name in enumerate(plan_["label_names"], start=1):
+        for c, name in enumerate(plan_.label_names, start=1):
             row[f"dsc_{name}"] = res["dsc_per_class"].get(c, float("nan"))
         rows.append(row)
     write_parquet(pd.DataFrame(rows), manifest)
@@ -64,7 +64,7 @@ def degrade(subjects: list[str], image: str, label: str, plan_json: PathLike, se
         manifest: per-subject manifest pattern with {subject}.
         record: the chunk record to write.
     """
-    plan_ = read_json(plan_json)
+    plan_ = read_plan(plan_json)
 
     def work(subject: str) -> list[dict[str, Any]]:
         masks = [fill(out_masks, subject=subject, level=level) for level in levels]

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from nnqc_pipe.chunks import fill, record_row, run_chunk, write_chunk_record
-from nnqc_pipe.data.io import PathLike, read_json
+from nnqc_pipe.data.io import PathLike
+from nnqc_pipe.data.plan import read_plan
 from nnqc_pipe.data.split import read_split
 from nnqc_pipe.models.bundle import import_bundle, require_expert
 
@@ -41,7 +42,7 @@ def embed(subjects: list[str], npz: str, plan_json: PathLike, settings: dict[str
     from nnqc_pipe.models.experts import load_vision_expert
     from nnqc_pipe.models.presets import model_settings
 
-    cfg = model_settings(settings, read_json(plan_json))["encoder"]
+    cfg = model_settings(settings, read_plan(plan_json).raw)["encoder"]
     expert = load_vision_expert(cfg, resolve_device(device), fallback_dir=Path(fill(out, subject="_")).parent)
     if expert_sha256:
         require_expert(expert.info, expert_sha256)
@@ -86,7 +87,7 @@ def train_vae(split_tsv: PathLike, preprocessed_dir: PathLike, plan_json: PathLi
     from nnqc_pipe.models.presets import model_settings
     from nnqc_pipe.models.train_vae import train_vae as train_vae_model
 
-    plan_ = read_json(plan_json)
+    plan_ = read_plan(plan_json).raw
     train_vae_model(_role_files(split_tsv, preprocessed_dir, ".npz", "train"),
                     _role_files(split_tsv, preprocessed_dir, ".npz", "val"),
                     plan_, model_settings(settings, plan_), out_dir, device, seed)
@@ -111,7 +112,7 @@ def train_ldm(split_tsv: PathLike, preprocessed_dir: PathLike, embeddings_dir: P
     from nnqc_pipe.models.presets import model_settings
     from nnqc_pipe.models.train_ldm import train_ldm as train_ldm_model
 
-    plan_ = read_json(plan_json)
+    plan_ = read_plan(plan_json).raw
     train_ldm_model(
         _role_files(split_tsv, preprocessed_dir, ".npz", "train"),
         _role_files(split_tsv, preprocessed_dir, ".npz", "val"),

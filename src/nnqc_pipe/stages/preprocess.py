@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 from nnqc_pipe.chunks import fill, record_row, run_chunk, write_chunk_record
-from nnqc_pipe.data.io import PathLike, read_json
+from nnqc_pipe.data.io import PathLike
+from nnqc_pipe.data.plan import read_plan
 from nnqc_pipe.data.preprocess import preprocess_subject, save_preprocessed
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def preprocess(subjects: list[str], image: str, label: str | None, plan_json: Pa
         out: .npz path pattern with {subject}.
         record: the chunk record to write.
     """
-    plan_ = read_json(plan_json)
+    plan_ = read_plan(plan_json).raw
 
     def work(subject: str) -> list[dict[str, Any]]:
         path = fill(out, subject=subject)

@@ -9,6 +9,7 @@ from typing import Any
 from nnqc_pipe import __version__
 from nnqc_pipe.chunks import fill, read_chunk_records
 from nnqc_pipe.data.io import PathLike, file_sha256, read_json, write_parquet
+from nnqc_pipe.data.plan import read_plan
 from nnqc_pipe.qc.baselines import agreement_table
 from nnqc_pipe.qc.decisions import VerdictThresholds
 from nnqc_pipe.report import figures
@@ -57,18 +58,18 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
         "qc_model_from": card.get("qc_model"),
     }
     thresholds = verdict_thresholds(settings)
-    plan_ = read_json(plan_json)
+    plan_ = read_plan(plan_json)
     records = read_chunk_records(score_chunks)
     scores = records.loc[records["kind"] == "scores"]
     records = {s: read_json(fill(inspect, subject=s)) for s in sorted(set(scores["subject"]))}
     agreement = agreement_table(scores[["subject", "source"]], candidates,
-                                dict(zip(plan_["label_values"], plan_["label_names"], strict=True)))
+                                plan_.label_map)
     tables = write_report(scores["path"].tolist(), out_dir, cohort, settings["qc_pass_dsc"], metadata,
                           thresholds=thresholds,
                           use_pgt_when_all_fail=settings["selection"]["use_pgt_when_all_fail"],
                           review_slices_per_subject=settings["review_slices_per_subject"], agreement=agreement,
                           ood_inputs=(records, read_json(fingerprint_json)))
-    regions = error_region_table(tables["subjects"], candidates, pgt, plan_["slicing_axis"])
+    regions = error_region_table(tables["subjects"], candidates, pgt, plan_.slicing_axis)
     write_parquet(regions, Path(out_dir) / "error_regions.parquet", metadata)
     write_selected_masks(tables["selection"], candidates, pgt, selected)
     write_figures(tables, Path(figures_dir), Path(results_dir), candidates, settings, thresholds)

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from nnqc_pipe.chunks import describe_task, fill, record_row, run_chunk, task_list, write_chunk_record
-from nnqc_pipe.data.io import PathLike, read_json, write_parquet
+from nnqc_pipe.data.io import PathLike, write_parquet
+from nnqc_pipe.data.plan import read_plan
 from nnqc_pipe.qc.score import score_subject
 
 
@@ -41,7 +42,7 @@ def score(cohort: str, tasks: dict[str, list[str]], npz: str, plan_json: PathLik
         out: scores path pattern with {source} and {subject}.
         record: the chunk record to write.
     """
-    label_names = read_json(plan_json)["label_names"]
+    label_names = list(read_plan(plan_json).label_names)
 
     def work(task: tuple[str, str]) -> list[dict[str, Any]]:
         subject, source = task
