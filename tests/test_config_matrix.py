@@ -4,6 +4,7 @@ settings the labelled demo does not exercise, checking the decisions the report 
 - ``decisions``: a user source next to gt and the degraded levels, error maps off; the report's verdicts,
   exclusions, selection (+ selected masks), review lists and baselines; a threshold change reruns only ``report``.
 - ``no_expert``: conditioning mode ``none`` (no vision expert, no embed jobs).
+- ``labels: null`` without a QC model: refused at start, saying what to do (with one: tests/test_population.py).
 """
 
 from __future__ import annotations
@@ -104,3 +105,11 @@ def test_conditioning_mode_none_runs_without_the_vision_expert(tmp_path):
     assert not (out / "embeddings").exists() and not (out / "chunks" / "embed").exists()
     subjects = pd.read_parquet(out / "report" / "subjects.parquet")
     assert subjects.predicted_dsc.notna().all() and len(subjects) > 0
+
+
+def test_labels_null_without_a_qc_model_stops_with_what_to_do(tmp_path):
+    """A cohort without ground truth needs a QC model trained elsewhere; without one the run stops at start."""
+    config = base_config(tmp_path, f"{tmp_path}/img/{{subject}}.nii.gz", None,
+                         sources={"unet": f"{tmp_path}/unet/{{subject}}.nii.gz"})
+    proc = run_snakemake(config, tmp_path, "-n")
+    assert proc.returncode != 0 and "qc_model" in proc.stdout + proc.stderr
