@@ -83,13 +83,15 @@ def check_expert_weights(path: str | os.PathLike, weights_sha256: str) -> None:
 
 
 def validation_figures(card: dict[str, Any]) -> dict[str, Any]:
-    """The model card's validation figures: best validation Dice of the VAE and of the pGT, per severity."""
+    """The model card's validation figures: the VAE's best validation Dice; the pGT's best validation Dice and QC
+    score (1 - mean |predicted - real DSC|, cards that have it), every validation score of the selected epoch."""
     return {
         "vae_best_val_dice": card["vae"]["best_val_dice"],
         "vae_best_epoch": card["vae"]["best_epoch"],
         "pgt_best_val_dice": card["ldm"]["best_val_dice"],
+        "pgt_best_val_qc": card["ldm"].get("best_val_qc"),
         "pgt_best_epoch": card["ldm"]["best_epoch"],
-        "pgt_val_dice_per_severity": card["ldm"]["best_scores"],
+        "pgt_best_scores": card["ldm"]["best_scores"],
         "val_candidates_dice": card["ldm"]["candidate_scores"],
         "val_severities": card["ldm"]["val_severities"],
     }
