@@ -20,12 +20,15 @@ demo: env
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
 	$(BIN)/snakemake --cores 1 --configfile config/config.yaml --report results/demo/report.html
 
-## Run lint and the test suite (unit + end-to-end on phantoms; real cohorts when ../shared/data exists).
+## Run lint (ruff, snakefmt, snakemake --lint) and the test suite: unit tests, end-to-end runs on phantoms (the
+## labelled demo and the config matrix of tests/test_config_matrix.py and tests/test_population.py), and the real
+## cohorts when ../shared/data exists.
 test: env lint
 	$(BIN)/pytest -q
 
 lint: env
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/snakefmt --check rules Snakefile
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 
 clean:

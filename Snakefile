@@ -13,6 +13,7 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         f"{OUT}/subjects.tsv",
         f"{OUT}/fingerprint.json",
@@ -20,4 +21,3 @@ rule all:
         preprocessed_all,
         f"{OUT}/degraded/manifest.parquet" if HAS_LABELS and not QC_MODEL_SOURCE else [],
         f"{OUT}/report/subjects.parquet",
-    default_target: True

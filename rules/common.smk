@@ -12,8 +12,19 @@ from snakemake.utils import min_version, validate
 
 from nnqc_pipe.data import demo as demo_module
 from nnqc_pipe.chunks import CHUNK_ID_PATTERN, chunk_group, chunk_of, fill, make_chunks
-from nnqc_pipe.config import config_hash, discover_subjects, job_python_problem, label_map
-from nnqc_pipe.models.bundle import BUNDLE_FILES, MANIFEST, BundleError, check_bundle, read_bundle
+from nnqc_pipe.config import (
+    config_hash,
+    discover_subjects,
+    job_python_problem,
+    label_map,
+)
+from nnqc_pipe.models.bundle import (
+    BUNDLE_FILES,
+    MANIFEST,
+    BundleError,
+    check_bundle,
+    read_bundle,
+)
 from nnqc_pipe.models.presets import check_overrides, plan_overrides
 
 min_version("9.0")
@@ -31,11 +42,16 @@ check_overrides(config["model"], config["preset"])
 
 # Without --use-conda the jobs run the `python` on PATH: stop now, in one line, if it cannot import the package's
 # dependencies (e.g. .venv/bin/snakemake called without activating the environment).
-if workflow.is_main_process and DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+if (
+    workflow.is_main_process
+    and DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method
+):
     _problem = job_python_problem()
     if _problem:
-        raise WorkflowError(f"{_problem}. Activate the project's environment first (`. .venv/bin/activate`, "
-                            "or `make demo`), or run with --use-conda.")
+        raise WorkflowError(
+            f"{_problem}. Activate the project's environment first (`. .venv/bin/activate`, "
+            "or `make demo`), or run with --use-conda."
+        )
 
 # qc_model: a QC model trained elsewhere (a bundle of `nnqc-pipe export-model`) replaces fingerprint, plan,
 # degradation and training; a corrupted or incompatible bundle stops the run here, naming every problem.
@@ -44,13 +60,18 @@ QC_BUNDLE = None
 if QC_MODEL_SOURCE:
     try:
         # The checksums are verified once, by the main process; jobs only read the description.
-        QC_BUNDLE = check_bundle(QC_MODEL_SOURCE, config) if workflow.is_main_process else read_bundle(
-            QC_MODEL_SOURCE)
+        QC_BUNDLE = (
+            check_bundle(QC_MODEL_SOURCE, config)
+            if workflow.is_main_process
+            else read_bundle(QC_MODEL_SOURCE)
+        )
     except BundleError as exc:
         raise WorkflowError(str(exc)) from None
 if config["labels"] is None and not QC_MODEL_SOURCE:
-    raise WorkflowError("labels: null leaves nothing to train the QC model on; set qc_model: to a bundle "
-                        "exported from a labelled cohort (nnqc-pipe export-model results/<cohort> OUT)")
+    raise WorkflowError(
+        "labels: null leaves nothing to train the QC model on; set qc_model: to a bundle "
+        "exported from a labelled cohort (nnqc-pipe export-model results/<cohort> OUT)"
+    )
 # With qc_model, the embed jobs refuse a vision expert whose weights are not the ones the model was trained with.
 EXPERT_SHA256 = QC_BUNDLE["expert"].get("weights_sha256") if QC_BUNDLE else None
 
@@ -82,14 +103,18 @@ DEGRADED_LEVELS = [] if QC_MODEL_SOURCE else LEVELS
 DEGRADED_SOURCES = [f"degraded_L{level}" for level in DEGRADED_LEVELS]
 USER_SOURCES = dict(config["sources"])
 # Rules run `python -m nnqc_pipe`; the package is importable from this checkout in any environment.
-shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(
+    f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
 
 
 if config["demo"]["enabled"] and not os.path.abspath(config["images"]).startswith(
     os.path.abspath(config["results"]) + os.sep
 ):
-    raise ValueError("demo.enabled generates data into the images pattern, which must lie under the results folder "
-                     f"({config['results']}); refusing to write into {config['images']!r}")
+    raise ValueError(
+        "demo.enabled generates data into the images pattern, which must lie under the results folder "
+        f"({config['results']}); refusing to write into {config['images']!r}"
+    )
 
 
 def all_subjects():
@@ -100,7 +125,9 @@ def all_subjects():
         return demo_module.subject_names(config["demo"]["n_subjects"])
     found = discover_subjects(config["images"])
     if not found:
-        raise ValueError(f"no image matches the pattern {config['images']!r} (cohort {COHORT})")
+        raise ValueError(
+            f"no image matches the pattern {config['images']!r} (cohort {COHORT})"
+        )
     return found
 
 
@@ -122,14 +149,21 @@ PATTERNS = {
     "degraded_manifest": f"{OUT}/degraded/{{subject}}/manifest.parquet",
     "pgt": f"{OUT}/pgt/{{source}}/{{subject}}.nii.gz",
     "slices": f"{OUT}/pgt/{{source}}/{{subject}}.slices.parquet",
-    "errors": f"{OUT}/errors/{{source}}/{{subject}}.nii.gz" if config["inference"]["save_error_maps"] else "none",
+    "errors": (
+        f"{OUT}/errors/{{source}}/{{subject}}.nii.gz"
+        if config["inference"]["save_error_maps"]
+        else "none"
+    ),
     "scores": f"{OUT}/scores/{{source}}/{{subject}}.parquet",
     "selected": f"{OUT}/selected/{{subject}}.nii.gz",
 }
 # Candidate masks of every source: the GT, the saved degradation levels, the user's sources.
 CANDIDATES = {
     **({"gt": config["labels"]} if HAS_LABELS else {}),
-    **{f"degraded_L{level}": fill(PATTERNS["degraded"], level=level) for level in DEGRADED_LEVELS},
+    **{
+        f"degraded_L{level}": fill(PATTERNS["degraded"], level=level)
+        for level in DEGRADED_LEVELS
+    },
     **USER_SOURCES,
 }
 
@@ -166,7 +200,10 @@ INSPECT_CHUNKS = make_chunks({"all": SUBJECTS}, CHUNK_SIZES["inspect"])
 @functools.lru_cache(maxsize=4)
 def _read_roles(split_tsv, mtime):
     df = pd.read_csv(split_tsv, sep="\t", dtype=str)
-    return {role: sorted(df.loc[df.role == role, "subject"]) for role in ("train", "val", "test", "unlabelled")}
+    return {
+        role: sorted(df.loc[df.role == role, "subject"])
+        for role in ("train", "val", "test", "unlabelled")
+    }
 
 
 def roles(wildcards=None):
@@ -193,7 +230,9 @@ def _qc_sources(mtime):
             if sources:
                 out[subject] = sources
     for name, subjects in missing.items():
-        logger.warning(f"source {name}: no candidate file for {len(subjects)} subject(s): {subjects[:10]}")
+        logger.warning(
+            f"source {name}: no candidate file for {len(subjects)} subject(s): {subjects[:10]}"
+        )
     return out
 
 
@@ -203,7 +242,10 @@ def _stage_chunks(stage, mtime):
         return INSPECT_CHUNKS
     r = _read_roles(SPLIT_TSV, mtime)
     keep = _qc_sources(mtime) if stage in ("infer", "score") else None
-    groups = {role: [s for s in r[role] if keep is None or s in keep] for role in STAGE_ROLES[stage]}
+    groups = {
+        role: [s for s in r[role] if keep is None or s in keep]
+        for role in STAGE_ROLES[stage]
+    }
     return make_chunks(groups, CHUNK_SIZES[stage])
 
 
@@ -231,7 +273,8 @@ def members(stage, chunk):
 
 def chunk_members(stage, chunk):
     """The subjects of a chunk, for params and resources: read from split.tsv directly, as params may not use the
-    checkpoint (on a cluster node only the job itself is rebuilt); split.tsv exists whenever such a job runs."""
+    checkpoint (on a cluster node only the job itself is rebuilt); split.tsv exists whenever such a job runs.
+    """
     return _stage_chunks(stage, _split_mtime(stage))[chunk]
 
 
@@ -281,7 +324,9 @@ def inspect_labels(wildcards):
     if not HAS_LABELS:
         return []
     files = chunk_files("label", "inspect", wildcards.chunk)
-    return files if config["demo"]["enabled"] else [f for f in files if os.path.exists(f)]
+    return (
+        files if config["demo"]["enabled"] else [f for f in files if os.path.exists(f)]
+    )
 
 
 def candidate_inputs(stage, chunk):
@@ -307,7 +352,9 @@ def role_label_files(stage, chunk):
 
 def role_label_pattern(stage):
     """The label path pattern for a chunk's params: 'none' for an unlabelled chunk (its subjects have no file)."""
-    return lambda wildcards: "none" if chunk_group(wildcards.chunk) == "unlabelled" else PATTERNS["label"]
+    return lambda wildcards: (
+        "none" if chunk_group(wildcards.chunk) == "unlabelled" else PATTERNS["label"]
+    )
 
 
 def training_subjects():

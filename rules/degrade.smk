@@ -9,6 +9,14 @@ rule degrade:
         plan=f"{OUT}/plan.json",
     output:
         f"{CHUNKS_DIR}/degrade/{{chunk}}.tsv",
+    log:
+        f"{LOGS}/degrade/{{chunk}}.log",
+    benchmark:
+        f"{BENCH}/degrade/{{chunk}}.tsv"
+    conda:
+        "../envs/nnqc.yaml"
+    resources:
+        runtime=chunk_runtime("degrade", 3),
     params:
         subjects=lambda w: chunk_members("degrade", w.chunk),
         image=pattern("image"),
@@ -17,14 +25,6 @@ rule degrade:
         manifest=pattern("degraded_manifest"),
         seed=config["degradation"]["seed"],
         levels=" ".join(map(str, LEVELS)),
-    resources:
-        runtime=chunk_runtime("degrade", 3),
-    conda:
-        "../envs/nnqc.yaml"
-    log:
-        f"{LOGS}/degrade/{{chunk}}.log",
-    benchmark:
-        f"{BENCH}/degrade/{{chunk}}.tsv",
     shell:
         "python -m nnqc_pipe degrade --subjects {params.subjects:q} --image {params.image:q} --label {params.label:q} "
         "--plan-json {input.plan} --seed {params.seed} --levels {params.levels} --out-masks {params.masks:q} "
@@ -36,11 +36,11 @@ rule degrade_manifest:
         lambda w: chunk_records("degrade"),
     output:
         f"{OUT}/degraded/manifest.parquet",
-    conda:
-        "../envs/nnqc.yaml"
     log:
         f"{LOGS}/degrade_manifest.log",
     benchmark:
-        f"{BENCH}/degrade_manifest.tsv",
+        f"{BENCH}/degrade_manifest.tsv"
+    conda:
+        "../envs/nnqc.yaml"
     shell:
         "python -m nnqc_pipe degrade-manifest --chunks {input} --out {output} > {log} 2>&1"

@@ -6,12 +6,25 @@
 rule infer:
     input:
         preprocessed=lambda w: chunk_records("preprocess", members("infer", w.chunk)),
-        embeddings=lambda w: chunk_records("embed", members("infer", w.chunk)) if USES_IMAGE else [],
+        embeddings=lambda w: (
+            chunk_records("embed", members("infer", w.chunk)) if USES_IMAGE else []
+        ),
         candidates=lambda w: candidate_inputs("infer", w.chunk),
         vae=f"{MODELS}/vae.pt",
         ldm=f"{MODELS}/ldm.pt",
     output:
         f"{CHUNKS_DIR}/infer/{{chunk}}.tsv",
+    log:
+        f"{LOGS}/infer/{{chunk}}.log",
+    benchmark:
+        f"{BENCH}/infer/{{chunk}}.tsv"
+    conda:
+        "../envs/nnqc.yaml"
+    # A chunk is one process: on a CPU-only machine it uses up to 8 cores (fewer when --cores is smaller).
+    threads: 8
+    resources:
+        gpu_job=1,
+        runtime=chunk_runtime("infer", 2),
     params:
         tasks=lambda w: as_json(chunk_tasks("infer", w.chunk)),
         candidates=lambda w: as_json(CANDIDATES),
@@ -24,17 +37,6 @@ rule infer:
         inference=as_json(config["inference"]),
         device=config["device"],
         seed=config["seed"],
-    # A chunk is one process: on a CPU-only machine it uses up to 8 cores (fewer when --cores is smaller).
-    threads: 8
-    resources:
-        gpu_job=1,
-        runtime=chunk_runtime("infer", 2),
-    conda:
-        "../envs/nnqc.yaml"
-    log:
-        f"{LOGS}/infer/{{chunk}}.log",
-    benchmark:
-        f"{BENCH}/infer/{{chunk}}.tsv",
     shell:
         "OMP_NUM_THREADS={threads} python -m nnqc_pipe infer --tasks {params.tasks:q} --npz {params.npz:q} "
         "--embeddings {params.embeddings:q} --candidates {params.candidates:q} --model-dir {params.model_dir} "

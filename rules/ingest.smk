@@ -7,16 +7,16 @@ if config["demo"]["enabled"]:
         output:
             images=expand(config["images"], subject=SUBJECTS),
             labels=expand(config["labels"], subject=SUBJECTS) if HAS_LABELS else [],
+        log:
+            f"{LOGS}/demo_cohort.log",
+        benchmark:
+            f"{BENCH}/demo_cohort.tsv"
+        conda:
+            "../envs/nnqc.yaml"
         params:
             out_dir=lambda w, output: os.path.dirname(os.path.dirname(output.images[0])),
             n=config["demo"]["n_subjects"],
             seed=config["demo"]["seed"],
-        conda:
-            "../envs/nnqc.yaml"
-        log:
-            f"{LOGS}/demo_cohort.log",
-        benchmark:
-            f"{BENCH}/demo_cohort.tsv",
         shell:
             "python -m nnqc_pipe demo-cohort --out-dir {params.out_dir} --n-subjects {params.n} --seed {params.seed} > {log} 2>&1"
 
@@ -28,6 +28,14 @@ rule inspect:
         labels=inspect_labels,
     output:
         f"{CHUNKS_DIR}/inspect/{{chunk}}.tsv",
+    log:
+        f"{LOGS}/inspect/{{chunk}}.log",
+    benchmark:
+        f"{BENCH}/inspect/{{chunk}}.tsv"
+    conda:
+        "../envs/nnqc.yaml"
+    resources:
+        runtime=chunk_runtime("inspect", 0.5),
     params:
         subjects=lambda w: chunk_members("inspect", w.chunk),
         image=pattern("image"),
@@ -35,14 +43,6 @@ rule inspect:
         out=pattern("inspect"),
         values=LABEL_VALUES,
         require_labels=config["require_labels"],
-    resources:
-        runtime=chunk_runtime("inspect", 0.5),
-    conda:
-        "../envs/nnqc.yaml"
-    log:
-        f"{LOGS}/inspect/{{chunk}}.log",
-    benchmark:
-        f"{BENCH}/inspect/{{chunk}}.tsv",
     shell:
         "python -m nnqc_pipe inspect --subjects {params.subjects:q} --image {params.image:q} --label {params.label:q} "
         "--label-values {params.values} --require-labels {params.require_labels} --out {params.out:q} "
@@ -55,16 +55,16 @@ checkpoint split:
     output:
         subjects_tsv=f"{OUT}/subjects.tsv",
         split_tsv=SPLIT_TSV,
+    log:
+        f"{LOGS}/split.log",
+    benchmark:
+        f"{BENCH}/split.tsv"
+    conda:
+        "../envs/nnqc.yaml"
     params:
         split=config["split"],
         on_bad=config["on_bad_subject"],
         train_model=not QC_MODEL_SOURCE,
-    conda:
-        "../envs/nnqc.yaml"
-    log:
-        f"{LOGS}/split.log",
-    benchmark:
-        f"{BENCH}/split.tsv",
     shell:
         "python -m nnqc_pipe split --inspect-chunks {input} --subjects-tsv {output.subjects_tsv} "
         "--split-tsv {output.split_tsv} --test-fraction {params.split[test_fraction]} "

@@ -9,6 +9,15 @@ rule embed:
         plan=f"{OUT}/plan.json",
     output:
         f"{CHUNKS_DIR}/embed/{{chunk}}.tsv",
+    log:
+        f"{LOGS}/embed/{{chunk}}.log",
+    benchmark:
+        f"{BENCH}/embed/{{chunk}}.tsv"
+    conda:
+        "../envs/nnqc.yaml"
+    resources:
+        gpu_job=1,
+        runtime=chunk_runtime("embed", 0.5),
     params:
         subjects=lambda w: chunk_members("embed", w.chunk),
         npz=pattern("npz"),
@@ -16,15 +25,6 @@ rule embed:
         settings=as_json(SETTINGS),
         device=config["device"],
         expert_sha256=EXPERT_SHA256 or "none",
-    resources:
-        gpu_job=1,
-        runtime=chunk_runtime("embed", 0.5),
-    conda:
-        "../envs/nnqc.yaml"
-    log:
-        f"{LOGS}/embed/{{chunk}}.log",
-    benchmark:
-        f"{BENCH}/embed/{{chunk}}.tsv",
     shell:
         "python -m nnqc_pipe embed --subjects {params.subjects:q} --npz {params.npz:q} --plan-json {input.plan} "
         "--settings {params.settings:q} --device {params.device} --expert-sha256 {params.expert_sha256} "
@@ -44,15 +44,15 @@ if QC_MODEL_SOURCE:
             card=f"{MODELS}/model_card.json",
             fingerprint=f"{OUT}/fingerprint.json",
             plan=f"{OUT}/plan.json",
-        params:
-            bundle=QC_MODEL_SOURCE,
-            models_dir=MODELS,
-        conda:
-            "../envs/nnqc.yaml"
         log:
             f"{LOGS}/import_model.log",
         benchmark:
-            f"{BENCH}/import_model.tsv",
+            f"{BENCH}/import_model.tsv"
+        conda:
+            "../envs/nnqc.yaml"
+        params:
+            bundle=QC_MODEL_SOURCE,
+            models_dir=MODELS,
         shell:
             "python -m nnqc_pipe import-model --bundle {params.bundle:q} --models-dir {params.models_dir:q} "
             "--fingerprint-out {output.fingerprint} --plan-out {output.plan} > {log} 2>&1"
@@ -67,21 +67,21 @@ else:
         output:
             vae=f"{MODELS}/vae.pt",
             curves=f"{MODELS}/vae_curves.csv",
+        log:
+            f"{LOGS}/train_vae.log",
+        benchmark:
+            f"{BENCH}/train_vae.tsv"
+        conda:
+            "../envs/nnqc.yaml"
+        threads: workflow.cores
+        resources:
+            gpu_job=1,
         params:
             preprocessed_dir=f"{OUT}/preprocessed",
             out_dir=lambda w, output: os.path.dirname(output.vae),
             settings=as_json(SETTINGS),
             device=config["device"],
             seed=config["seed"],
-        threads: workflow.cores
-        resources:
-            gpu_job=1,
-        conda:
-            "../envs/nnqc.yaml"
-        log:
-            f"{LOGS}/train_vae.log",
-        benchmark:
-            f"{BENCH}/train_vae.tsv",
         shell:
             "OMP_NUM_THREADS={threads} python -m nnqc_pipe train-vae --split-tsv {input.split_tsv} "
             "--preprocessed-dir {params.preprocessed_dir} --plan-json {input.plan} --settings {params.settings:q} "
@@ -93,11 +93,22 @@ else:
             plan=f"{OUT}/plan.json",
             vae=f"{MODELS}/vae.pt",
             preprocessed=lambda w: chunk_records("preprocess", training_subjects()),
-            embeddings=lambda w: chunk_records("embed", training_subjects()) if USES_IMAGE else [],
+            embeddings=lambda w: (
+                chunk_records("embed", training_subjects()) if USES_IMAGE else []
+            ),
         output:
             ldm=f"{MODELS}/ldm.pt",
             curves=f"{MODELS}/ldm_curves.csv",
             card=f"{MODELS}/model_card.json",
+        log:
+            f"{LOGS}/train_ldm.log",
+        benchmark:
+            f"{BENCH}/train_ldm.tsv"
+        conda:
+            "../envs/nnqc.yaml"
+        threads: workflow.cores
+        resources:
+            gpu_job=1,
         params:
             preprocessed_dir=f"{OUT}/preprocessed",
             embeddings_dir=f"{OUT}/embeddings",
@@ -105,15 +116,6 @@ else:
             settings=as_json(SETTINGS),
             device=config["device"],
             seed=config["seed"],
-        threads: workflow.cores
-        resources:
-            gpu_job=1,
-        conda:
-            "../envs/nnqc.yaml"
-        log:
-            f"{LOGS}/train_ldm.log",
-        benchmark:
-            f"{BENCH}/train_ldm.tsv",
         shell:
             "OMP_NUM_THREADS={threads} python -m nnqc_pipe train-ldm --split-tsv {input.split_tsv} "
             "--preprocessed-dir {params.preprocessed_dir} --embeddings-dir {params.embeddings_dir} "

@@ -9,19 +9,19 @@ rule preprocess:
         plan=f"{OUT}/plan.json",
     output:
         f"{CHUNKS_DIR}/preprocess/{{chunk}}.tsv",
+    log:
+        f"{LOGS}/preprocess/{{chunk}}.log",
+    benchmark:
+        f"{BENCH}/preprocess/{{chunk}}.tsv"
+    conda:
+        "../envs/nnqc.yaml"
+    resources:
+        runtime=chunk_runtime("preprocess", 1),
     params:
         subjects=lambda w: chunk_members("preprocess", w.chunk),
         image=pattern("image"),
         label=role_label_pattern("preprocess"),
         out=pattern("npz"),
-    resources:
-        runtime=chunk_runtime("preprocess", 1),
-    conda:
-        "../envs/nnqc.yaml"
-    log:
-        f"{LOGS}/preprocess/{{chunk}}.log",
-    benchmark:
-        f"{BENCH}/preprocess/{{chunk}}.tsv",
     shell:
         "python -m nnqc_pipe preprocess --subjects {params.subjects:q} --image {params.image:q} "
         "--label {params.label:q} --plan-json {input.plan} --out {params.out:q} --record {output} > {log} 2>&1"

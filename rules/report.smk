@@ -60,6 +60,12 @@ rule report:
             caption="report/review_gallery.rst",
             category="Decisions",
         ),
+    log:
+        f"{LOGS}/report.log",
+    benchmark:
+        f"{BENCH}/report.tsv"
+    conda:
+        "../envs/nnqc.yaml"
     params:
         out_dir=lambda w, output: os.path.dirname(output.subjects),
         figures_dir=lambda w, output: os.path.dirname(output.mae),
@@ -72,12 +78,6 @@ rule report:
         inspect=pattern("inspect"),
         selected=pattern("selected"),
         results_dir=lambda w, input: os.path.dirname(input.plan),
-    conda:
-        "../envs/nnqc.yaml"
-    log:
-        f"{LOGS}/report.log",
-    benchmark:
-        f"{BENCH}/report.tsv",
     shell:
         "python -m nnqc_pipe report --score-chunks {input.scores} --out-dir {params.out_dir} --cohort {params.cohort} "
         "--settings {params.settings:q} --config-digest {params.digest} --model-dir {params.model_dir} "

@@ -8,9 +8,21 @@ rule score:
         plan=f"{OUT}/plan.json",
         candidates=lambda w: candidate_inputs("score", w.chunk),
         pgt=lambda w: chunk_records("infer", members("score", w.chunk)),
-        gt=lambda w: chunk_files("label", "score", w.chunk) if HAS_LABELS and chunk_group(w.chunk) == "test" else [],
+        gt=lambda w: (
+            chunk_files("label", "score", w.chunk)
+            if HAS_LABELS and chunk_group(w.chunk) == "test"
+            else []
+        ),
     output:
         f"{CHUNKS_DIR}/score/{{chunk}}.tsv",
+    log:
+        f"{LOGS}/score/{{chunk}}.log",
+    benchmark:
+        f"{BENCH}/score/{{chunk}}.tsv"
+    conda:
+        "../envs/nnqc.yaml"
+    resources:
+        runtime=chunk_runtime("score", 1),
     params:
         cohort=COHORT,
         tasks=lambda w: as_json(chunk_tasks("score", w.chunk)),
@@ -21,14 +33,6 @@ rule score:
         gt=lambda w, input: PATTERNS["label"] if input.gt else "none",
         out=pattern("scores"),
         tolerance=config["metrics"]["surface_dice_tolerance_mm"],
-    resources:
-        runtime=chunk_runtime("score", 1),
-    conda:
-        "../envs/nnqc.yaml"
-    log:
-        f"{LOGS}/score/{{chunk}}.log",
-    benchmark:
-        f"{BENCH}/score/{{chunk}}.tsv",
     shell:
         "python -m nnqc_pipe score --cohort {params.cohort} --tasks {params.tasks:q} --npz {params.npz:q} "
         "--plan-json {input.plan} --candidates {params.candidates:q} --pgt {params.pgt:q} --gt {params.gt:q} "
