@@ -23,7 +23,7 @@ from nnqc_pipe.models.experts import (
     TeamOfExperts,
     load_vision_expert,
     model_config,
-    read_checkpoint,
+    read_pretrained_checkpoint,
     save_tiny_checkpoint,
     vision_state_dict,
 )
@@ -98,8 +98,8 @@ def test_untrusted_pickled_objects_are_refused_unless_allowed(tmp_path):
     path = tmp_path / "odd.pt"
     torch.save({"state_dict": _tiny_clip().state_dict(), "extra": NotPlainData()}, path)
     with pytest.raises(ValueError, match="allow_unsafe_pickle"):
-        read_checkpoint(path)
-    assert "state_dict" in read_checkpoint(path, allow_unsafe_pickle=True)
+        read_pretrained_checkpoint(path)
+    assert "state_dict" in read_pretrained_checkpoint(path, allow_unsafe_pickle=True)
 
 
 def test_wrong_architecture_and_missing_checkpoint_are_clear_errors(tmp_path):

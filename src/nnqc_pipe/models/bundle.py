@@ -73,10 +73,10 @@ def expert_identity(encoder: dict[str, Any], checkpoint: str | os.PathLike | Non
 
 def check_expert_weights(path: str | os.PathLike, weights_sha256: str) -> None:
     """Refuse a vision expert checkpoint whose image-tower weights are not ``weights_sha256``."""
-    from nnqc_pipe.models.experts import read_checkpoint, vision_state_dict
+    from nnqc_pipe.models.experts import read_pretrained_checkpoint, vision_state_dict
     from nnqc_pipe.models.experts import weights_sha256 as digest
 
-    found = digest(vision_state_dict(read_checkpoint(path)))
+    found = digest(vision_state_dict(read_pretrained_checkpoint(path)))
     if found != weights_sha256:
         raise BundleError(f"vision expert checkpoint {path} has weights SHA-256 {found}, the model was trained "
                           f"with {weights_sha256}")

@@ -94,7 +94,7 @@ def _allowed_globals(names: list[str]) -> list[Any]:
     return allowed
 
 
-def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> Any:
+def read_pretrained_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> Any:
     """``torch.load`` a checkpoint safely (weights only), handling benign non-tensor entries explicitly.
 
     Training checkpoints such as UniMedCLIP's carry optimizer hyper-parameters and argument namespaces that
@@ -137,15 +137,6 @@ def vision_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     if "conv1.weight" in state:
         return state
     raise ValueError("checkpoint has no image-tower weights (no 'visual.*' keys)")
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -240,7 +231,7 @@ def load_vision_expert(expert_cfg: dict[str, Any], device: torch.device, fallbac
             checkpoint,
         )
     model = build_vision_tower(architecture)
-    weights = vision_state_dict(read_checkpoint(checkpoint, expert_cfg.get("allow_unsafe_pickle", False)))
+    weights = vision_state_dict(read_pretrained_checkpoint(checkpoint, expert_cfg.get("allow_unsafe_pickle", False)))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

@@ -19,6 +19,7 @@ import torch
 from nnqc_pipe.models.autoencoder import build_autoencoder, latent_factor, one_hot
 from nnqc_pipe.models.device import resolve_device
 from nnqc_pipe.models.ldm import ConditionalLDM, ddim_scheduler, spatial_condition
+from nnqc_pipe.models.training import read_checkpoint
 
 
 @dataclass
@@ -56,11 +57,6 @@ class PGT(NamedTuple):
 
     probabilities: np.ndarray
     uncertainty: np.ndarray
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load one of our own checkpoints (tensors and plain data only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_models(model_dir: str | os.PathLike, device: str = "auto") -> PGTModels:

@@ -36,9 +36,19 @@ from nnqc_pipe.models.autoencoder import build_autoencoder, one_hot
 from nnqc_pipe.models.device import resolve_device, seed_everything
 from nnqc_pipe.models.embed import load_embeddings
 from nnqc_pipe.models.ldm import ConditionalLDM, noise_scheduler, toe_kwargs, unet_kwargs
-from nnqc_pipe.models.pgt import PGTModels, generate_pgt, read_checkpoint
+from nnqc_pipe.models.pgt import PGTModels, generate_pgt
 from nnqc_pipe.models.presets import training_hash
-from nnqc_pipe.models.training import RunState, SliceSet, batches_of, fit, load_slices, load_state, progress, seed_epoch
+from nnqc_pipe.models.training import (
+    RunState,
+    SliceSet,
+    batches_of,
+    fit,
+    load_slices,
+    load_state,
+    progress,
+    read_checkpoint,
+    seed_epoch,
+)
 from nnqc_pipe.qc.metrics import class_dice
 
 log = logging.getLogger(__name__)

@@ -84,12 +84,17 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load one of our own checkpoints (``vae.pt``, ``ldm.pt``: tensors and plain data only) on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_state(path: str | os.PathLike, expected_hash: str) -> dict[str, Any] | None:
     """The saved state when it exists and belongs to the same training setup, else ``None``."""
     path = Path(path)
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     if state.get("config_hash") != expected_hash:
         log.warning(
             "%s belongs to another configuration (%s != %s); starting afresh",
