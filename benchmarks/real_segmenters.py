@@ -111,26 +111,30 @@ TARGETS = {  # name -> (comparison, target, what)
 
 @dataclass(frozen=True)
 class Cohort:
-    """A shared cohort: its config, how many patients train the segmenters, the UNet's grid.
+    """A shared cohort: its config, how many patients train the segmenters, the UNet's grid, the registration.
 
     ``extra_images``/``extra_labels``: patterns (relative to the repository) of other frames of the same patients,
     used for segmenter training only. ``downsample``: integer factors per axis from the padded grid to the UNet's
-    grid; ``strides``: the UNet's strides per level (per axis).
+    grid; ``strides``: the UNet's strides per level (per axis). ``shrink_factors`` (one per resolution level) and
+    ``sampling`` (share of the voxels the metric samples) of the atlas registration.
     """
 
     config: str
     segmenter_patients: int
     downsample: tuple[int, int, int] = (1, 1, 1)
     strides: tuple[tuple[int, int, int], ...] = ((2, 2, 2), (2, 2, 2), (2, 2, 2))
+    shrink_factors: tuple[int, ...] = (2, 1)
+    sampling: float = 0.25
     extra_images: str | None = None
     extra_labels: str | None = None
 
 
 COHORTS = {
     "hippocampus": Cohort("config/cohorts/hippocampus.yaml", segmenter_patients=20),
-    # thick slices (9-13 per volume): in-plane halved, no striding along the slices at the first level
+    # thick slices (6-13 per volume): in-plane halved, no striding along the slices at the first level; the whole
+    # 256 mm field of view is registered coarse to fine on 5 % of the voxels
     "acdc": Cohort("config/cohorts/acdc.yaml", segmenter_patients=10, downsample=(2, 2, 1),
-                   strides=((2, 2, 1), (2, 2, 2), (2, 2, 2)),
+                   strides=((2, 2, 1), (2, 2, 2), (2, 2, 2)), shrink_factors=(4, 2, 1), sampling=0.05,
                    extra_images="../shared/data/acdc_es/imagesTr/{subject}.nii.gz",
                    extra_labels="../shared/data/acdc_es/labelsTr/{subject}.nii.gz"),
 }
@@ -259,10 +263,12 @@ def train_unet(train: Sequence[Volume], qc: Sequence[Volume], values: Sequence[i
         print(f"  unet: epoch {epoch} masks written", flush=True)
 
 
-def atlas_mask(target: str, atlases: Sequence[tuple[str, str]], values: Sequence[int]) -> np.ndarray:
-    """Multi-atlas segmentation of the image ``target``: each (image, label) atlas registered to it (affine,
-    Mattes MI, two resolutions), its label warped by nearest neighbour; voxel-wise majority vote (ties: the lower
-    value, background first). Returned in the array order of nibabel (x, y, z)."""
+def atlas_mask(target: str, atlases: Sequence[tuple[str, str]], values: Sequence[int], cohort: Cohort
+               ) -> np.ndarray:
+    """Multi-atlas segmentation of the image ``target``: each (image, label) atlas registered to it (affine, Mattes
+    MI, coarse to fine as ``cohort`` says), its label warped by nearest neighbour; voxel-wise majority vote (ties:
+    the lower value, background first). An atlas whose registration fails does not vote (every one failing gives an
+    empty mask). Returned in the array order of nibabel (x, y, z)."""
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one thread per registration: repeatable
@@ -273,25 +279,32 @@ def atlas_mask(target: str, atlases: Sequence[tuple[str, str]], values: Sequence
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(32)
         reg.SetMetricSamplingStrategy(reg.REGULAR)
-        reg.SetMetricSamplingPercentage(0.25)
+        reg.SetMetricSamplingPercentage(cohort.sampling)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
         reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([2, 1])
-        reg.SetSmoothingSigmasPerLevel([1, 0])
+        reg.SetShrinkFactorsPerLevel(list(cohort.shrink_factors))
+        reg.SetSmoothingSigmasPerLevel([1] * (len(cohort.shrink_factors) - 1) + [0])
         reg.SetInitialTransform(sitk.CenteredTransformInitializer(
             fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS), inPlace=False)
-        warped = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(label), fixed, reg.Execute(fixed, moving),
+        try:
+            transform = reg.Execute(fixed, moving)
+        except RuntimeError as exc:  # e.g. the images no longer overlap
+            print(f"  atlas: {Path(image).name} -> {Path(target).name} failed, left out: {exc}".splitlines()[0],
+                  flush=True)
+            continue
+        warped = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(label), fixed, transform,
                                                       sitk.sitkNearestNeighbor, 0))
         for index, value in enumerate((0, *values)):
             votes[index] += warped == value
     return np.array([0, *values], np.uint8)[votes.argmax(0)].transpose(2, 1, 0)
 
 
-def write_atlas_mask(target: Volume, atlases: Sequence[tuple[str, str]], values: Sequence[int], out: Path) -> None:
+def write_atlas_mask(target: Volume, atlases: Sequence[tuple[str, str]], values: Sequence[int], cohort: Cohort,
+                     out: Path) -> None:
     """:func:`atlas_mask` of ``target`` written on its grid (a process-pool task)."""
     img = nib.load(target.image)
-    write_nifti(nib.Nifti1Image(atlas_mask(target.image, atlases, values), img.affine),
+    write_nifti(nib.Nifti1Image(atlas_mask(target.image, atlases, values, cohort), img.affine),
                 out / "atlas" / f"{target.subject}.nii.gz")
 
 
@@ -302,7 +315,8 @@ def run_segmenters(train: Sequence[Volume], qc: Sequence[Volume], values: Sequen
     started = time.perf_counter()
     atlases = [(v.image, v.label) for v in train[: settings.atlases]]
     with ProcessPoolExecutor(max_workers=cores) as pool:  # before torch starts its threads (fork)
-        list(pool.map(write_atlas_mask, qc, [atlases] * len(qc), [values] * len(qc), [out] * len(qc)))
+        n = len(qc)
+        list(pool.map(write_atlas_mask, qc, [atlases] * n, [values] * n, [cohort] * n, [out] * n))
     seconds["atlas"] = time.perf_counter() - started
     print(f"  atlas: {len(qc)} masks from {len(atlases)} atlases written", flush=True)
     started = time.perf_counter()
