@@ -63,7 +63,7 @@ def candidate_patterns(run: Path, config: Path) -> dict[str, str]:
 
 def foreground_dsc(candidate: np.ndarray, reference: np.ndarray, record: dict[str, Any]) -> float:
     """Foreground DSC of two masks on the subject's original grid (the score rule's metric)."""
-    names = dict(zip(record["label_values"], record["label_names"], strict=True))
+    names = {v: f"class_{v}" for v in record["label_values"]}
     rows = compute_metrics(candidate, reference, spacing_from_record(record), names)
     return float(next(r["dsc"] for r in rows if r["label"] == "foreground"))
 
