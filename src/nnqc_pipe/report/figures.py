@@ -67,7 +67,7 @@ def plot_cases(cases: pd.DataFrame, results_dir: str | os.PathLike, candidates: 
     """One overlay panel per case (image, pGT outline, candidate errors, with a legend), or ``empty_note``."""
     cols = max(1, min(3, len(cases)))
     rows = max(1, int(np.ceil(len(cases) / cols)))
-    fig = Figure(figsize=(4 * cols, 4 * rows + 0.6))
+    fig = Figure(figsize=(4 * cols, 4.6 * rows + 0.6))  # room for the two-line titles
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
