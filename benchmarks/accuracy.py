@@ -66,7 +66,7 @@ TARGETS = {
     "kendall_tau": (">=", 1.0),
     "total_wall_min": ("<=", 45.0),
 }
-# nnQC paper, mean over 10 datasets (DESIGN.md, "Anchors"); for orientation only.
+# nnQC paper, mean over 10 datasets (docs/method.md); for orientation only.
 PAPER = {"dsc_r": 0.89, "dsc_mae": 0.12, "hd95_r": 0.94, "hd95_mae": 9.54, "kendall_tau": 0.87}
 
 

@@ -12,8 +12,8 @@ the decoder alone is timed on one batch for the breakdown.
 Printed per (preset, patch, device): seconds per slice (mean over the timed batches and best batch), the
 decoder's share, slices/s and the process's CPU share (CPU time / (wall x threads); well below 100 % means other
 load took the cores and the figure is inflated), next to the anchors: ≈ 5 s/slice at 20 steps for the paper
-architecture on this 2-core CPU (DESIGN.md), 0.404 s/slice for the paper on an A100, and the target ≤ 0.5 s/slice
-for the ``cpu`` preset on CPU (PASS/MISS).
+architecture on this 2-core CPU (the design card's reference, docs/method.md), 0.404 s/slice for the paper on
+an A100, and the target ≤ 0.5 s/slice for the ``cpu`` preset on CPU (PASS/MISS).
 
 Usage:
     .venv/bin/python benchmarks/inference_speed.py                        # cpu:80 cpu:160 paper:256, cpu (+cuda)
@@ -46,7 +46,7 @@ E2_SIZES = {
     "vit-b16": {"pooled_dim": 512, "token_dim": 768, "n_tokens": 16},  # UniMedCLIP ViT-B/16
     "tiny": {"pooled_dim": 64, "token_dim": 64, "n_tokens": 16},  # the untrained tiny fallback ViT
 }
-REFERENCE_CPU_S = 5.0  # paper architecture, 20 DDIM steps, this 2-core CPU (DESIGN.md "Anchors")
+REFERENCE_CPU_S = 5.0  # paper architecture, 20 DDIM steps, this 2-core CPU (design card reference)
 PAPER_A100_S = 0.404  # nnQC paper, A100
 TARGET_CPU_S = 0.5  # cpu preset on CPU
 

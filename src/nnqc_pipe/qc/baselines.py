@@ -54,7 +54,7 @@ def agreement_rows(masks: Mapping[str, np.ndarray], voters: Sequence[str], label
 def agreement_table(subjects: pd.DataFrame, candidates: Mapping[str, str], label_names: Mapping[int, str]
                     ) -> pd.DataFrame:
     """Inter-source agreement of every (subject, source, label) of the report: columns subject, source, label and
-    :data:`AGREEMENT_COLUMN`; subjects with fewer than two real segmenters' masks get NaN."""
+    :data:`AGREEMENT_COLUMN`; a candidate without another real segmenter's mask of its subject gets NaN."""
     tables = []
     for subject, rows in subjects.groupby("subject", sort=True):
         sources = sorted(set(rows["source"]))

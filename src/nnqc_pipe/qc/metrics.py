@@ -105,7 +105,7 @@ def sample_disagreement(
     """Disagreement between pseudo-GT samples: 1 − mean pairwise DSC, per label, per volume and per slice.
 
     Keys are ``(label, None)`` for the volume and ``(label, slice_index)`` for slices, the layout
-    :func:`nnqc_pipe.report.score_rows` takes as ``uncertainty``. Two empty masks agree (DSC 1).
+    :func:`nnqc_pipe.report.tables.score_rows` takes as ``uncertainty``. Two empty masks agree (DSC 1).
     """
     if len(samples) < 2:
         raise ValueError(f"sample_disagreement needs at least 2 samples, got {len(samples)}")

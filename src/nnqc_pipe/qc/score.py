@@ -44,7 +44,7 @@ def score_subject(
     label_names: dict[int, str],
     tolerance_mm: float,
 ) -> pd.DataFrame:
-    """The scores table of one candidate (see :func:`nnqc_pipe.report.score_rows`)."""
+    """The scores table of one candidate (see :func:`nnqc_pipe.report.tables.score_rows`)."""
     values = record["label_values"]
     pgt_img = load_volume(pgt_path, subject, "pseudo ground truth")
     candidate = _load_on_grid(candidate_path, pgt_img, subject, values, "candidate mask")

@@ -1,10 +1,11 @@
-"""Aggregation of per-subject scores into the Parquet report, and plots for Snakemake's HTML report.
+"""Aggregation of per-subject scores into the Parquet report tables and the decisions built on them.
 
 Input: one scores table per (source, subject), ``scores/{source}/{subject}.parquet``, built by
 :func:`score_rows` from :mod:`nnqc_pipe.qc.metrics` rows. ``predicted_<metric>`` scores the candidate against
 the pseudo ground truth (what nnQC predicts), ``real_<metric>`` against the ground truth (NaN when the subject
-has none). Output (see DESIGN.md, "Report schema"): ``subjects``, ``slices``, ``summary`` and ``ranking``
-tables, each written with the caller's provenance metadata (pipeline version, config and checkpoint hashes).
+has none). Output (schema in docs/report.md): ``subjects``, ``slices``, ``summary``, ``ranking``, ``selection``
+and ``review`` tables and ``exclusions.tsv``, each Parquet file written with the caller's provenance metadata
+(pipeline version, config and checkpoint hashes).
 
 Rules:
 
@@ -17,7 +18,7 @@ Rules:
   so sources without ground truth add nothing); ``all_degraded`` = the ``degraded_*`` sources only, the
   controlled benchmark of the paper. ``mae_std`` is the sample standard deviation of the absolute errors.
 - **Ranking**: sources ranked by the mean predicted score over all their subjects and by the mean real score
-  over subjects with ground truth (1 = best, direction from :data:`nnqc_pipe.metrics.HIGHER_IS_BETTER`);
+  over subjects with ground truth (1 = best, direction from :data:`nnqc_pipe.qc.metrics.HIGHER_IS_BETTER`);
   Kendall τ between the two over the sources that have both.
 """
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,6 @@ from nnqc_pipe.qc.decisions import VerdictThresholds
 from nnqc_pipe.report import figures
 from nnqc_pipe.report.review import error_region_table, write_selected_masks
 from nnqc_pipe.report.tables import write_report
-
-log = logging.getLogger(__name__)
 
 
 def verdict_thresholds(report_cfg: dict[str, Any]) -> VerdictThresholds:
@@ -59,16 +56,15 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
     }
     thresholds = verdict_thresholds(settings)
     plan_ = read_plan(plan_json)
-    records = read_chunk_records(score_chunks)
-    scores = records.loc[records["kind"] == "scores"]
-    records = {s: read_json(fill(inspect, subject=s)) for s in sorted(set(scores["subject"]))}
-    agreement = agreement_table(scores[["subject", "source"]], candidates,
-                                plan_.label_map)
+    chunk_rows = read_chunk_records(score_chunks)
+    scores = chunk_rows.loc[chunk_rows["kind"] == "scores"]
+    inspect_records = {s: read_json(fill(inspect, subject=s)) for s in sorted(set(scores["subject"]))}
+    agreement = agreement_table(scores[["subject", "source"]], candidates, plan_.label_map)
     tables = write_report(scores["path"].tolist(), out_dir, cohort, settings["qc_pass_dsc"], metadata,
                           thresholds=thresholds,
                           use_pgt_when_all_fail=settings["selection"]["use_pgt_when_all_fail"],
                           review_slices_per_subject=settings["review_slices_per_subject"], agreement=agreement,
-                          ood_inputs=(records, read_json(fingerprint_json)))
+                          ood_inputs=(inspect_records, read_json(fingerprint_json)))
     regions = error_region_table(tables["subjects"], candidates, pgt, plan_.slicing_axis)
     write_parquet(regions, Path(out_dir) / "error_regions.parquet", metadata)
     write_selected_masks(tables["selection"], candidates, pgt, selected)
