@@ -24,7 +24,8 @@ Read from the report (``<results>/<cohort>/report/``), foreground label, failure
 
 - per source and pooled (``all``; ``all_real``: the real models; ``all_degraded``): n, Pearson r, MAE, bias (mean
   predicted - real), failure-detection ROC AUC and accuracy of "predicted < 0.7", side by side for nnQC's
-  ``predicted_dsc``, its cross-validated ``calibrated_dsc`` and each baseline (``baseline_agreement_dsc``);
+  ``predicted_dsc``, its cross-validated ``calibrated_dsc`` and each baseline (``baseline_agreement_dsc``,
+  ``baseline_vae_recon_dsc``);
 - the ranking of all sources by mean predicted vs mean real DSC and Kendall tau (``ranking.parquet``);
 - per-subject pairwise ordering accuracy: over the pairs of sources of one subject whose real DSC differ, the share
   ordered the same way by the predictor (ties in the prediction count one half);
@@ -84,7 +85,8 @@ DEGRADED_PREFIX = "degraded_"
 PREDICTED, REAL = "predicted_dsc", "real_dsc"
 # The predictors of the real DSC shown side by side: summary metric name -> subjects column.
 PREDICTORS = {"dsc": PREDICTED, **EXTRA_PREDICTORS}
-PREDICTOR_TITLES = {"dsc": "nnQC", "calibrated_dsc": "calibrated", "agreement_dsc": "agreement"}
+PREDICTOR_TITLES = {"dsc": "nnQC", "calibrated_dsc": "calibrated", "agreement_dsc": "agreement",
+                    "vae_recon_dsc": "VAE reconstruction"}
 STATS = ("pearson_r", "mae", "bias", "failure_auc", "accuracy")
 VERDICTS = ("PASS", "REVIEW", "FAIL")
 REAL_CLASSES = (">=0.8", "0.7-0.8", "<0.7")

@@ -1,4 +1,4 @@
-"""Inter-source agreement baseline and the cross-validated calibration of the predicted DSC."""
+"""Inter-source agreement and VAE-reconstruction baselines, and the cross-validated calibration of the predicted DSC."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, agreement_rows, agreement_table, consensus, voting_sources
+from nnqc_pipe.qc.baselines import (
+    AGREEMENT_COLUMN,
+    agreement_rows,
+    agreement_table,
+    consensus,
+    reconstruction_counts,
+    reconstruction_dice,
+    voting_sources,
+)
 from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, MIN_SUBJECTS, calibrate, calibrate_label
 
 LABELS = {1: "wall", 2: "cavity"}
@@ -92,3 +100,30 @@ def test_calibration_needs_enough_subjects_and_maps_unlabelled_rows():
     values, info = calibrate(rows)
     assert values.name == CALIBRATED_COLUMN and np.isfinite(values.iloc[-1]) and info["foreground"]["fitted"]
     assert 0.5 < values.iloc[-1] <= 0.7  # the 0.1 under-estimate is undone for the unlabelled row
+
+
+def test_reconstruction_counts_and_dice_per_slice_and_volume():
+    candidate = np.zeros((4, 4, 3), np.uint8)  # slices along the last axis
+    candidate[:2, :2, 0] = 1  # slice 0: 4 voxels of class 1
+    candidate[:2, :2, 1] = 2  # slice 1: 4 voxels of class 2
+    recon = candidate.copy()
+    recon[0, 0, 0] = 0  # slice 0 loses one voxel
+    recon[:2, :2, 1] = 1  # slice 1: right foreground, wrong class
+    counts = reconstruction_counts(candidate, recon, slice_axis=2, n_classes=3)
+    assert counts["recon_overlap_fg"].tolist() == [3, 4, 0]
+    assert counts["recon_total_fg"].tolist() == [7, 8, 0]
+    assert counts["recon_overlap_2"].tolist() == [0, 0, 0] and counts["recon_total_2"].tolist() == [0, 4, 0]
+    slices = pd.DataFrame({"slice_index": [0, 1, 2], **counts})
+    # label values 5 and 7 stand for class indices 1 and 2
+    dsc = reconstruction_dice(slices, {5: "wall", 7: "cavity"}, [5, 7])
+    assert dsc[("foreground", 0)] == pytest.approx(6 / 7)
+    assert dsc[("foreground", 1)] == 1.0 and dsc[("foreground", 2)] == 1.0  # slice 2 empty in both
+    assert dsc[("foreground", None)] == pytest.approx(14 / 15)
+    assert dsc[("cavity", 1)] == 0.0 and dsc[("cavity", None)] == 0.0
+    assert dsc[("wall", None)] == pytest.approx(2 * 3 / (4 + 3 + 4))  # slice 1's wall voxels are cavity in truth
+
+
+def test_reconstruction_dice_without_counts_is_empty_and_shapes_must_match():
+    assert reconstruction_dice(pd.DataFrame({"slice_index": [0]}), LABELS, [1, 2]) == {}
+    with pytest.raises(ValueError, match="differ in shape"):
+        reconstruction_counts(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)), 2, 3)

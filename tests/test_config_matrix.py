@@ -53,6 +53,8 @@ def test_verdicts_exclusions_and_baselines(decisions_run):
     # gt and the user's copy are compared with each other's consensus: identical masks agree perfectly
     assert (fg.loc["gt", "baseline_agreement_dsc"] == 1.0).all()
     assert fg.loc["degraded_L1", "baseline_agreement_dsc"].lt(0.5).all()
+    # every candidate, gt included, has its VAE-reconstruction baseline
+    assert subjects.baseline_vae_recon_dsc.between(0, 1).all()
     exclusions = pd.read_csv(out / "report" / "exclusions.tsv", sep="\t")
     assert list(exclusions.columns) == ["subject", "source", "label", "verdict", "risk", "reason"]
     flagged = subjects[subjects.verdict != "PASS"]
@@ -61,7 +63,7 @@ def test_verdicts_exclusions_and_baselines(decisions_run):
     summary = pd.read_parquet(out / "report" / "summary.parquet")
     dsc = summary[(summary.metric == "dsc") & (summary.label == "foreground")].set_index("source")
     assert dsc.loc["all", "failure_auc"] >= 0.5 and dsc.loc["all", "n_fail"] > 0
-    assert "agreement_dsc" in set(summary.metric)
+    assert {"agreement_dsc", "vae_recon_dsc"} <= set(summary.metric)
 
 
 def test_selection_and_review_lists(decisions_run):

@@ -304,6 +304,15 @@ def test_sample_severity_spans_the_range(rng):
     assert np.histogram(values, bins=10, range=(0, 1))[0].min() > 50
 
 
+def test_sample_severity_mix_shares(rng):
+    values = np.array([D.sample_severity(rng, clean=0.3, light=0.4, destroyed=0.0, light_max=0.1)
+                       for _ in range(4000)])
+    assert 0.27 < np.mean(values == 0.0) < 0.33
+    assert 0.65 < np.mean(values <= 0.1) < 0.8  # clean + light + the uniform rest's share below 0.1
+    with pytest.raises(ValueError, match="sum to <= 1"):
+        D.sample_severity(rng, clean=0.6, light=0.5)
+
+
 # --- real data -------------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from nnqc_pipe.models.ldm import (
     toe_kwargs,
     unet_kwargs,
 )
-from nnqc_pipe.models.pgt import PGTModels, generate_pgt, slice_uncertainty, start_timesteps
+from nnqc_pipe.models.pgt import PGTModels, generate_pgt, reconstruct, slice_uncertainty, start_timesteps
 from nnqc_pipe.models.train_ldm import LDMTrainer
 from nnqc_pipe.qc.metrics import class_dice
 
@@ -120,7 +120,7 @@ def test_autoencoder_and_discriminator_shapes(cfg):
     x = one_hot(torch.randint(0, 3, (2, 32, 32)), 3)
     recon, z_mu, _ = ae(x)
     assert recon.shape == x.shape and recon.dtype == torch.float32
-    assert z_mu.shape == (2, 2, 16, 16)
+    assert z_mu.shape == (2, cfg["vae"]["latent_channels"], 16, 16)
     assert build_discriminator(cfg)(torch.softmax(recon, 1))[-1].ndim == 4
 
 
@@ -198,7 +198,7 @@ def test_ldm_pads_latents_the_unet_cannot_halve(cfg):
         "cpu", TINY | {"ldm": TINY["ldm"] | {"channels": [16, 16, 16], "attention_levels": [False, False, True]}}, PLAN
     )
     model = ConditionalLDM(unet_kwargs(cfg), toe_kwargs(cfg, pooled_dim=8, token_dim=8, n_tokens=4))
-    noisy = torch.randn(2, 2, 6, 10)
+    noisy = torch.randn(2, cfg["vae"]["latent_channels"], 6, 10)
     eps = model(
         noisy, torch.tensor([1, 500]), torch.rand(2, 2, 6, 10), torch.rand(2), torch.randn(2, 8), torch.randn(2, 4, 8)
     )
@@ -243,6 +243,16 @@ def test_generate_pgt_shapes_determinism_and_batch_independence(cfg):
         generate_pgt(models, cand, ratio, None, ddim_steps=2)
 
 
+def test_reconstruct_gives_batch_independent_class_probabilities(cfg):
+    models = _models(cfg)
+    cand = np.zeros((5, 32, 32), np.uint8)
+    cand[:, 8:20, 8:20] = 1
+    a, b = reconstruct(models, cand, batch_size=2), reconstruct(models, cand, batch_size=5)
+    assert a.shape == (5, 3, 32, 32)
+    np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_generate_pgt_without_image_embeddings_in_position_mode(cfg):
     pgt = generate_pgt(
         _models(cfg, "position"), np.zeros((2, 32, 32), np.uint8), np.array([0.0, 1.0]), None, ddim_steps=2
@@ -250,8 +260,9 @@ def test_generate_pgt_without_image_embeddings_in_position_mode(cfg):
     assert pgt.probabilities.shape == (2, 3, 32, 32)
 
 
-@pytest.mark.parametrize(("encoding", "channels"), [("coverage", 2), ("vae", 2), ("unshuffle", 8)])
+@pytest.mark.parametrize(("encoding", "channels"), [("coverage", 2), ("vae", None), ("unshuffle", 8)])
 def test_candidate_encodings_feed_the_unet(cfg, encoding, channels):
+    channels = channels or cfg["vae"]["latent_channels"]  # the vae encoding is the candidate's own latent
     cfg = cfg | {"ldm": cfg["ldm"] | {"candidate_encoding": encoding}}
     models = _models(cfg)
     assert models.ldm.unet.conv_in.conv.in_channels == cfg["vae"]["latent_channels"] + channels

@@ -52,6 +52,7 @@ def subjects_table(n_subjects: int = 6) -> pd.DataFrame:
                 rows.append({"cohort": "syn", "source": source, "subject": f"s{i}", "label": label,
                              "predicted_dsc": predicted, "real_dsc": real, "calibrated_dsc": real + offset / 2,
                              "baseline_agreement_dsc": 0.9 - 0.1 * abs(real - 0.8) if label == "foreground" else 0.0,
+                             "baseline_vae_recon_dsc": 0.95 - 0.2 * (1 - real),
                              "verdict": verdict_of(predicted)})
     return pd.DataFrame(rows)
 
@@ -92,7 +93,8 @@ def test_predictor_table_pools_real_models_and_side_by_side_columns():
     assert row.loc["unet_good", "pearson_r"] == pytest.approx(1.0)
     wide = rs.side_by_side(table).set_index("source")
     assert list(wide.index[:3]) == ["all", "all_real", "all_degraded"]
-    assert {"dsc_mae", "calibrated_dsc_failure_auc", "agreement_dsc_pearson_r"} <= set(wide.columns)
+    expected = {"dsc_mae", "calibrated_dsc_failure_auc", "agreement_dsc_pearson_r", "vae_recon_dsc_mae"}
+    assert expected <= set(wide.columns)
     assert wide.loc["unet_good", "calibrated_dsc_mae"] == pytest.approx(0.005)
     assert 0.0 <= wide.loc["all_real", "agreement_dsc_failure_auc"] <= 1.0
 

@@ -128,7 +128,8 @@ def test_vae_writes_outputs_and_curves(vae_dir):
     assert ckpt["perceptual"]["enabled"] is False and "reason" in ckpt["perceptual"]
     curves = pd.read_csv(vae_dir / "vae_curves.csv")
     assert list(curves["epoch"]) == [1, 2]
-    assert {"loss", "dice", "kl", "val_dice", "seconds", "slices_per_s"} <= set(curves.columns)
+    assert {"loss", "dice", "ce", "kl", "val_dice", "seconds", "slices_per_s"} <= set(curves.columns)
+    assert (curves["ce"] > 0).all(), "the cpu preset's cross-entropy term is on"
     assert np.isnan(curves["adv_g"][0]) and curves["adv_g"][1] > 0, "adversarial term starts after warm-up"
 
 

@@ -770,11 +770,18 @@ def corrupt_slice(mask: np.ndarray, n_classes: int, severity: float, rng: np.ran
     return _render(mask, steps, severity)
 
 
-def sample_severity(rng: np.random.Generator) -> float:
-    """A training severity spanning [0, 1]: 10 % exactly 0 (clean), 10 % in [0.9, 1] (destroyed), else uniform."""
+def sample_severity(rng: np.random.Generator, clean: float = 0.1, light: float = 0.0, destroyed: float = 0.1,
+                    light_max: float = 0.2) -> float:
+    """A training severity spanning [0, 1]: a share ``clean`` exactly 0, ``light`` uniform in [0, ``light_max``],
+    ``destroyed`` in [0.9, 1], the rest uniform in [0, 1] (defaults: 10 % clean, 10 % destroyed)."""
+    if min(clean, light, destroyed) < 0 or clean + light + destroyed > 1:
+        raise ValueError(f"severity shares must be >= 0 and sum to <= 1, got clean {clean}, light {light}, "
+                         f"destroyed {destroyed}")
     u = rng.random()
-    if u < 0.1:
+    if u < clean:
         return 0.0
-    if u < 0.2:
+    if u < clean + light:
+        return float(rng.uniform(0.0, light_max))
+    if u < clean + light + destroyed:
         return float(rng.uniform(0.9, 1.0))
     return float(rng.uniform(0.0, 1.0))

@@ -151,6 +151,22 @@ def generate_pgt(
     return PGT(probabilities, uncertainty)
 
 
+@torch.inference_mode()
+def reconstruct(models: PGTModels, candidate: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities [S, C, H, W] of the VAE's reconstruction (decoded encoder mean) of ``candidate`` [S, H, W].
+
+    The input of the VAE-reconstruction baseline (:mod:`nnqc_pipe.qc.baselines`): how far the candidate lies from
+    the shapes the autoencoder learnt.
+    """
+    out = np.empty((candidate.shape[0], models.n_classes, *candidate.shape[1:]), dtype=np.float32)
+    for start in range(0, candidate.shape[0], batch_size):
+        index = slice(start, start + batch_size)
+        cand = torch.as_tensor(np.asarray(candidate[index]), device=models.device).long()
+        logits = models.vae.reconstruct(one_hot(cand, models.n_classes))
+        out[index] = torch.softmax(logits, dim=1).cpu().numpy()
+    return out
+
+
 def start_timesteps(scheduler: Any, strength: float) -> torch.Tensor:
     """The DDIM timesteps run from ``strength`` of the schedule down (all of them at strength 1)."""
     steps = scheduler.timesteps

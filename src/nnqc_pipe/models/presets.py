@@ -35,8 +35,11 @@ _COMMON: dict[str, Any] = {
     # through E2; the cpu/tiny presets feed candidate and image losslessly (see models/ldm.py).
     # Checkpoint selection: "val_dice" (pGT Dice against GT) or "val_qc" (1 − |predicted − real DSC| of the
     # validation candidates); validation pGTs start from pure noise unless val_start_strength < 1 (SDEdit).
+    # The training candidates' severity mix (degrade.sample_severity): shares of clean, light (up to light_max)
+    # and destroyed candidates, the rest uniform over [0, 1].
     "ldm": {"candidate_encoding": "unshuffle", "image_input": True, "min_snr_gamma": 5.0, "select_on": "val_dice",
-            "val_start_strength": 1.0},
+            "val_start_strength": 1.0,
+            "severity_mix": {"clean": 0.1, "light": 0.0, "destroyed": 0.1, "light_max": 0.2}},
     "noise": {
         "n_train_timesteps": 1000,
         "schedule": "scaled_linear_beta",
@@ -57,18 +60,21 @@ _CPU: dict[str, Any] = deep_merge(
             "num_res_blocks": 1,
             "attention_levels": [False, False, False],
             "nonlocal_attn": False,
-            "latent_channels": 2,
+            # 8 latent channels and a cross-entropy term: on hippocampus (80² patches, latent 20², 6 min on one
+            # core) test reconstruction foreground Dice 0.969, against 0.924 with 2 channels and Dice loss alone
+            # (0.893 after the earlier 10 epochs); see docs/method.md.
+            "latent_channels": 8,
             "norm_num_groups": 16,
             "disc_channels": 32,
             "disc_layers": 2,
-            "epochs": 10,
+            "epochs": 60,
             "batch_size": 8,
             "lr": 1e-3,
             "disc_lr": 5e-4,
-            "loss_weights": {"kl": 1e-6, "dice": 1.0, "adv": 0.01, "perc": 0.1},
+            "loss_weights": {"kl": 1e-6, "dice": 1.0, "ce": 1.0, "adv": 0.01, "perc": 0.1},
             "adv_warmup_epochs": 8,
             "perceptual": {"network_type": "resnet50", "weights": None},
-            "patience": 10,
+            "patience": 15,
             "max_minutes": 8,
             "val_max_slices": 512,
         },
@@ -114,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "batch_size": 32,
                 "lr": 5e-5,
                 "disc_lr": 5e-5,
-                "loss_weights": {"kl": 1e-6, "dice": 1.0, "adv": 0.01, "perc": 1.0},
+                "loss_weights": {"kl": 1e-6, "dice": 1.0, "ce": 0.0, "adv": 0.01, "perc": 1.0},
                 "adv_warmup_epochs": 10,
                 "perceptual": {"network_type": "resnet50", "weights": None},
                 "patience": 50,
@@ -227,6 +233,9 @@ def _validate(cfg: dict[str, Any]) -> None:
         raise ValueError(f"ldm.select_on must be one of {SELECTION_SCORES}")
     if cfg["ldm"]["candidate_encoding"] not in CANDIDATE_ENCODINGS:
         raise ValueError(f"ldm.candidate_encoding must be one of {CANDIDATE_ENCODINGS}")
+    mix = cfg["ldm"]["severity_mix"]
+    if min(mix["clean"], mix["light"], mix["destroyed"]) < 0 or mix["clean"] + mix["light"] + mix["destroyed"] > 1:
+        raise ValueError(f"ldm.severity_mix shares clean, light and destroyed must be >= 0 and sum to <= 1, got {mix}")
     mode = cfg["experts"]["mode"]
     if mode not in CONDITIONING_MODES:
         raise ValueError(f"experts.mode {mode!r} is not one of {CONDITIONING_MODES}")

@@ -256,13 +256,14 @@ class LDMTrainer:
         contrast edges rather than one cohort's exact intensities.
         """
         rng = seed_epoch(seed, epoch, stream=1)
-        severity = degrade.sample_severity
+        mix = self.lcfg["severity_mix"]
         self.model.train()
         batches = batches_of(rng.permutation(len(data)), self.lcfg["batch_size"])
         total = 0.0
         for index in progress(batches, len(batches), f"ldm epoch {epoch + 1}"):
             labels = data.label[index]
-            candidates = corrupt_batch(labels, self.cfg["n_classes"], [severity(rng) for _ in index], rng)
+            severities = [degrade.sample_severity(rng, **mix) for _ in index]
+            candidates = corrupt_batch(labels, self.cfg["n_classes"], severities, rng)
             emb = (
                 {k: torch.as_tensor(v[index], device=self.device) for k, v in embeddings.items()} if embeddings else {}
             )

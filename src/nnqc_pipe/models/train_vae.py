@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.losses import GeneralizedDiceLoss, PatchAdversarialLoss
 
 from nnqc_pipe.models.autoencoder import (
@@ -104,12 +105,14 @@ class VAETrainer:
         logits, z_mu, z_sigma = self.ae(target)
         probs = torch.softmax(logits, dim=1)
         terms = {"dice": self.dice_loss(probs, target), "kl": kl_divergence(z_mu, z_sigma)}
+        if self.weights["ce"] > 0:
+            terms["ce"] = F.cross_entropy(logits, target.argmax(1))
         if self.perceptual is not None:
             terms["perc"] = self.perceptual(probs, target)
         if adversarial:
             fake = self.disc(probs.contiguous())[-1]
             terms["adv_g"] = self.adv_loss(fake, target_is_real=True, for_discriminator=False)
-        weight_of = {"dice": "dice", "kl": "kl", "perc": "perc", "adv_g": "adv"}
+        weight_of = {"dice": "dice", "ce": "ce", "kl": "kl", "perc": "perc", "adv_g": "adv"}
         loss = sum(self.weights[weight_of[k]] * v for k, v in terms.items())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()

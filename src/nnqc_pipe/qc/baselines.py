@@ -5,6 +5,12 @@ Inter-source agreement (the strongest simple baseline of the failure-detection l
 (the user's ``sources``; the ground truth and the synthetic ``degraded_*`` levels never vote). The consensus is the
 voxel-wise strict majority of the others per class (with one other source, that source itself); a candidate with
 no other real source has no baseline (NaN).
+
+VAE reconstruction (the "distance to the manifold of plausible shapes" family, Galati et al. 2021, Wang et al.
+2020): the DSC of a candidate against its own reconstruction by the trained mask autoencoder (encoder mean,
+decoded). It needs no other source and no image. The inference stage counts, per original slice, the overlap and
+the total size of candidate and reconstruction (:func:`reconstruction_counts`, stored in the per-slice table);
+the score stage turns the counts into slice and volume DSCs (:func:`reconstruction_dice`).
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import numpy as np
 import pandas as pd
 
 from nnqc_pipe.chunks import fill
-from nnqc_pipe.qc.metrics import FOREGROUND, dice
+from nnqc_pipe.qc.metrics import FOREGROUND, dice, dice_from_counts
 
 log = logging.getLogger(__name__)
 
 AGREEMENT_COLUMN = "baseline_agreement_dsc"
+VAE_RECON_COLUMN = "baseline_vae_recon_dsc"
+RECON_GROUP_FOREGROUND = "fg"
 SYNTHETIC_SOURCES = ("gt", "degraded_")
 
 
@@ -71,3 +79,49 @@ def agreement_table(subjects: pd.DataFrame, candidates: Mapping[str, str], label
     log.info("inter-source agreement baseline: %d of %d candidates scored", table[AGREEMENT_COLUMN].notna().sum(),
              len(table))
     return table
+
+
+def _recon_count_columns(group: str) -> tuple[str, str]:
+    return f"recon_overlap_{group}", f"recon_total_{group}"
+
+
+def reconstruction_counts(candidate: np.ndarray, reconstruction: np.ndarray, slice_axis: int, n_classes: int
+                          ) -> dict[str, np.ndarray]:
+    """Per slice along ``slice_axis``: overlap and total voxel count of a candidate and its VAE reconstruction.
+
+    Both are class-index volumes on one grid. Keys ``recon_overlap_<g>`` and ``recon_total_<g>`` (|A| + |B|) for
+    ``g`` = ``fg`` (any foreground) and each class index ``1 .. n_classes - 1``; each value has one entry per slice.
+    """
+    if candidate.shape != reconstruction.shape:
+        raise ValueError(f"candidate {candidate.shape} and reconstruction {reconstruction.shape} differ in shape")
+    other_axes = tuple(a for a in range(candidate.ndim) if a != slice_axis)
+    counts = {}
+    groups = [(RECON_GROUP_FOREGROUND, None), *((str(k), k) for k in range(1, n_classes))]
+    for group, k in groups:
+        a = (candidate > 0) if k is None else (candidate == k)
+        b = (reconstruction > 0) if k is None else (reconstruction == k)
+        overlap, total = _recon_count_columns(group)
+        counts[overlap] = np.count_nonzero(a & b, axis=other_axes).astype(np.int64)
+        counts[total] = (np.count_nonzero(a, axis=other_axes) + np.count_nonzero(b, axis=other_axes)).astype(np.int64)
+    return counts
+
+
+def reconstruction_dice(slices: pd.DataFrame, label_names: Mapping[int, str], label_values: Sequence[int]
+                        ) -> dict[tuple[str, int | None], float]:
+    """VAE-reconstruction DSC per (label name, slice index or None for the volume) from a per-slice table.
+
+    ``slices`` has ``slice_index`` and the :func:`reconstruction_counts` columns; class index ``k`` is label value
+    ``label_values[k - 1]``. A table without those columns (a pGT written without them) gives an empty dict.
+    """
+    groups = [(FOREGROUND, RECON_GROUP_FOREGROUND)]
+    groups += [(label_names[v], str(k)) for k, v in enumerate(label_values, start=1) if v in label_names]
+    scores: dict[tuple[str, int | None], float] = {}
+    for name, group in groups:
+        overlap_col, total_col = _recon_count_columns(group)
+        if overlap_col not in slices or total_col not in slices:
+            continue
+        overlap, total = slices[overlap_col].to_numpy(), slices[total_col].to_numpy()
+        per_slice = dice_from_counts(overlap, total, np.zeros_like(total))
+        scores.update({(name, int(i)): float(d) for i, d in zip(slices["slice_index"], per_slice, strict=True)})
+        scores[(name, None)] = float(dice_from_counts(overlap.sum(), total.sum(), 0))
+    return scores

@@ -28,14 +28,19 @@ from nnqc_pipe.data.preprocess import (
     values_to_indices,
 )
 from nnqc_pipe.models.embed import load_embeddings
-from nnqc_pipe.models.pgt import PGTModels, generate_pgt
+from nnqc_pipe.models.pgt import PGTModels, generate_pgt, reconstruct
+from nnqc_pipe.qc.baselines import reconstruction_counts
 from nnqc_pipe.qc.metrics import error_map
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class Inference:
-    """The pGT (class indices, original grid) and per-slice facts in original slice order."""
+    """The pGT (class indices, original grid) and per-slice facts in original slice order.
+
+    ``slices`` has slice_index, slice_ratio, uncertainty and the VAE-reconstruction counts of the candidate
+    (:func:`nnqc_pipe.qc.baselines.reconstruction_counts`).
+    """
 
     pgt: np.ndarray
     candidate: np.ndarray
@@ -68,11 +73,15 @@ def infer_subject(
         start_strength=float(inference_cfg.get("start_strength", 1.0)),
     )
     pgt_indices = invert_probabilities(result.probabilities, record)
-    _, original_index = original_slice_order(record)
+    axis, original_index = original_slice_order(record)
+    recon = invert_probabilities(reconstruct(models, candidate_patch, int(inference_cfg["batch_size"])), record)
+    counts = reconstruction_counts(values_to_indices(candidate_values, record["label_values"]), recon, axis,
+                                   models.n_classes)
     slices = pd.DataFrame({
         "slice_index": original_index.astype(np.int64),
         "slice_ratio": pre.slice_ratio.astype(np.float64),
         "uncertainty": result.uncertainty.astype(np.float64),
+        **{column: values[original_index] for column, values in counts.items()},
     }).sort_values("slice_index", ignore_index=True)
     return Inference(pgt=pgt_indices, candidate=candidate_values, slices=slices)
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from nnqc_pipe.data.io import check_same_grid, load_volume, read_label_array, spacing_of
 from nnqc_pipe.data.preprocess import original_slice_order
+from nnqc_pipe.qc.baselines import reconstruction_dice
 from nnqc_pipe.qc.metrics import compute_metrics, compute_slice_metrics
 from nnqc_pipe.report.tables import score_rows
 
@@ -61,4 +62,5 @@ def score_subject(
     uncertainty = {("foreground", int(i)): float(u) for i, u in zip(slices.slice_index, slices.uncertainty,
                                                                     strict=True)}
     uncertainty[("foreground", None)] = float(slices.uncertainty.mean())
-    return score_rows(cohort, source, subject, predicted, real, ratio, uncertainty)
+    recon = reconstruction_dice(slices, label_names, values)
+    return score_rows(cohort, source, subject, predicted, real, ratio, uncertainty, recon)

@@ -36,7 +36,7 @@ import pandas as pd
 from scipy import stats
 
 from nnqc_pipe.data.io import atomic_path, concat_parquet, write_parquet
-from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN
+from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, VAE_RECON_COLUMN
 from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, calibrate
 from nnqc_pipe.qc.decisions import (
     VerdictThresholds,
@@ -83,6 +83,7 @@ def scores_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         **{f"{kind}_{flag}": "bool" for flag in FLAGS for kind in (PREDICTED, REAL)},
         **COUNT_COLUMNS,
         "uncertainty": "float64",
+        VAE_RECON_COLUMN: "float64",
     }
 
 
@@ -109,6 +110,7 @@ def subjects_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         "ood_reason": "str",
         CALIBRATED_COLUMN: "float64",
         AGREEMENT_COLUMN: "float64",
+        VAE_RECON_COLUMN: "float64",
         "risk": "float64",
         "verdict": "str",
         "verdict_reason": "str",
@@ -124,6 +126,7 @@ def slices_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         **_pair_columns(metrics),
         **COUNT_COLUMNS,
         "uncertainty": "float64",
+        VAE_RECON_COLUMN: "float64",
         **{f"flag_{flag}": "bool" for flag in FLAGS},
     }
 
@@ -212,6 +215,7 @@ def score_rows(
     real_rows: Sequence[Mapping[str, Any]] | None,
     slice_ratio: Sequence[float] | np.ndarray | None,
     uncertainty: Mapping[tuple[str, int | None], float] | None = None,
+    vae_recon: Mapping[tuple[str, int | None], float] | None = None,
 ) -> pd.DataFrame:
     """The scores table of one (source, subject) from :mod:`nnqc_pipe.qc.metrics` rows.
 
@@ -219,7 +223,8 @@ def score_rows(
     candidate against the pseudo-GT and against the GT (``real_rows`` is None when the subject has no GT;
     otherwise it must cover the same labels and slices). ``slice_ratio[i]`` is the ratio of slice ``i`` (None:
     NaN); ``uncertainty`` maps ``(label, slice_index or None)`` to the disagreement between pGT samples (see
-    ``metrics.sample_disagreement``; None: NaN).
+    ``metrics.sample_disagreement``; None: NaN); ``vae_recon`` maps the same keys to the VAE-reconstruction
+    baseline (:func:`nnqc_pipe.qc.baselines.reconstruction_dice`; None or a missing key: NaN).
     """
     predicted = _prefixed_frame(predicted_rows, PREDICTED, "pgt_voxels")
     if real_rows is None:
@@ -234,11 +239,15 @@ def score_rows(
     table["cohort"], table["source"], table["subject"] = cohort, source, subject
     table["level"] = np.where(table["slice_index"].isna(), "volume", "slice")
     table["slice_ratio"] = _slice_ratios(table["slice_index"], slice_ratio)
-    table["uncertainty"] = [
-        (uncertainty or {}).get((label, None if pd.isna(i) else int(i)), np.nan)
-        for label, i in zip(table["label"], table["slice_index"], strict=True)
-    ]
+    table["uncertainty"] = _per_row(table, uncertainty)
+    table[VAE_RECON_COLUMN] = _per_row(table, vae_recon)
     return _typed(table, scores_schema(metric_names(table)))
+
+
+def _per_row(table: pd.DataFrame, values: Mapping[tuple[str, int | None], float] | None) -> list[float]:
+    """``values[(label, slice_index or None)]`` for every row of ``table``, NaN where missing."""
+    return [(values or {}).get((label, None if pd.isna(i) else int(i)), np.nan)
+            for label, i in zip(table["label"], table["slice_index"], strict=True)]
 
 
 def _prefixed_frame(rows: Sequence[Mapping[str, Any]], kind: str, ref_voxels: str) -> pd.DataFrame:
@@ -361,8 +370,9 @@ def build_summary(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame
 
 
 # Other predictors of the real DSC in the summary, each a row ``metric`` of its own: the calibrated nnQC score and
-# the inter-source agreement baseline (nnqc_pipe.qc.calibration, nnqc_pipe.qc.baselines).
-EXTRA_PREDICTORS = {"calibrated_dsc": CALIBRATED_COLUMN, "agreement_dsc": AGREEMENT_COLUMN}
+# the two baselines, inter-source agreement and VAE reconstruction (nnqc_pipe.qc.calibration, nnqc_pipe.qc.baselines).
+EXTRA_PREDICTORS = {"calibrated_dsc": CALIBRATED_COLUMN, "agreement_dsc": AGREEMENT_COLUMN,
+                    "vae_recon_dsc": VAE_RECON_COLUMN}
 
 
 def _summary_pairs(subjects: pd.DataFrame) -> list[tuple[str, str, str]]:
