@@ -25,7 +25,7 @@ from nnqc_pipe.models.bundle import (
     check_bundle,
     read_bundle,
 )
-from nnqc_pipe.models.presets import check_overrides, plan_overrides
+from nnqc_pipe.models.presets import PRESETS, check_overrides, plan_overrides
 
 min_version("9.0")
 
@@ -93,6 +93,9 @@ SETTINGS = {
     "perceptual_weights": config["perceptual_weights"],
     "tiny_checkpoint": f"{MODELS}/tiny_vision_expert.pt",
 }
+# The preset's own values: a param of the training rules, so that a new release's preset retrains the models instead
+# of silently reusing ones trained with the old values.
+PRESET_DIGEST = config_hash(PRESETS[config["preset"]])
 # The plan rounds patch sizes to the preset networks' downsampling factor unless the config fixes it.
 PLAN_OVERRIDES = plan_overrides(config)
 # What the report needs from the config: its thresholds and the source selection.

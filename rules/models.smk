@@ -80,6 +80,7 @@ else:
             preprocessed_dir=f"{OUT}/preprocessed",
             out_dir=lambda w, output: os.path.dirname(output.vae),
             settings=as_json(SETTINGS),
+            preset_digest=PRESET_DIGEST,
             device=config["device"],
             seed=config["seed"],
         shell:
@@ -114,6 +115,7 @@ else:
             embeddings_dir=f"{OUT}/embeddings",
             out_dir=lambda w, output: os.path.dirname(output.ldm),
             settings=as_json(SETTINGS),
+            preset_digest=PRESET_DIGEST,
             device=config["device"],
             seed=config["seed"],
         shell:

@@ -102,6 +102,21 @@ def test_calibration_needs_enough_subjects_and_maps_unlabelled_rows():
     assert 0.5 < values.iloc[-1] <= 0.7  # the 0.1 under-estimate is undone for the unlabelled row
 
 
+def test_real_segmenters_get_their_own_map_synthetic_sources_the_pooled_one():
+    pooled = _calibration_rows(8, bias=0.0).assign(source="degraded_L3")
+    unet = _calibration_rows(8, bias=0.1).assign(source="unet")  # this model's masks are rated 0.1 too high
+    gt = pd.DataFrame({"subject": [f"s{i}" for i in range(8)], "predicted_dsc": 0.85, "real_dsc": 1.0,
+                       "source": "gt"})
+    few = _calibration_rows(MIN_SUBJECTS - 1, bias=0.1).assign(source="atlas")  # too few subjects for its own map
+    rows = pd.concat([pooled, unet, gt, few], ignore_index=True).assign(label="foreground")
+    values, info = calibrate(rows)
+    assert sorted(info["foreground"]["per_source"]) == ["unet"]
+    own = rows.source == "unet"
+    assert np.abs(values[own] - rows.real_dsc[own]).mean() < 0.05  # its own bias is undone
+    # gt is calibrated by the pooled map (fitted on every labelled row), never by a map of its own constant 1.0
+    assert (values[rows.source == "gt"] < 1.0).all()
+
+
 def test_reconstruction_counts_and_dice_per_slice_and_volume():
     candidate = np.zeros((4, 4, 3), np.uint8)  # slices along the last axis
     candidate[:2, :2, 0] = 1  # slice 0: 4 voxels of class 1

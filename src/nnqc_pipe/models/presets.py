@@ -93,7 +93,11 @@ _CPU: dict[str, Any] = deep_merge(
             "patience": 30,
             "max_minutes": 12,
             "val_every": 3,
-            "val_severities": [0.3, 0.5],
+            # Validation and checkpoint selection on the QC error itself, over clean, light and heavy candidates;
+            # a training mix with a quarter clean and a quarter lightly corrupted candidates (docs/method.md).
+            "val_severities": [0.0, 0.1, 0.3, 0.6],
+            "select_on": "val_qc",
+            "severity_mix": {"clean": 0.25, "light": 0.25, "destroyed": 0.1, "light_max": 0.2},
             "val_ddim_steps": 10,
             "val_max_subjects": 6,
         },

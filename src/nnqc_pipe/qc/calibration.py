@@ -2,9 +2,12 @@
 
 nnQC's pGT has its own bias (e.g. a near-perfect mask rated a little low); where a cohort has ground truth for
 some subjects, an isotonic regression fitted on them corrects it without ever reordering candidates. The map is
-fitted per label. Its figures must be honest, so every labelled row gets the prediction of a map fitted
-*without its subject* (K-fold by subject); rows without ground truth get the map fitted on every labelled row.
-``calibrated_dsc`` sits next to ``predicted_dsc``, never replacing it.
+fitted per label, on every labelled candidate; a real segmenter (a user source, not ``gt`` or ``degraded_*``)
+with at least :data:`MIN_SUBJECTS` labelled subjects gets a map of its own, fitted on its rows only, because each
+model's masks carry their own bias (e.g. a CNN's masks rated a little high). Its figures must be honest, so every
+labelled row gets the prediction of a map fitted *without its subject* (K-fold by subject); rows without ground
+truth get the map fitted on every labelled row. ``calibrated_dsc`` sits next to ``predicted_dsc``, never
+replacing it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import numpy as np
 import pandas as pd
 from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import GroupKFold
+
+from nnqc_pipe.qc.baselines import SYNTHETIC_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +65,21 @@ def calibrate_label(rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, object]]:
 
 def calibrate(subjects: pd.DataFrame) -> tuple[pd.Series, dict[str, dict[str, object]]]:
     """``calibrated_dsc`` for every row of the subjects table (aligned to its index) and, per label, how it was
-    fitted (for the report metadata)."""
+    fitted (for the report metadata; ``per_source`` lists the real segmenters that got a map of their own)."""
     calibrated = pd.Series(np.nan, index=subjects.index, name=CALIBRATED_COLUMN)
     info = {}
     for label, rows in subjects.groupby("label", sort=True):
         values, info[str(label)] = calibrate_label(rows)
         calibrated.loc[rows.index] = values
+        per_source = {}
+        for source, own in (rows.groupby("source", sort=True) if "source" in rows else []):
+            if str(source).startswith(SYNTHETIC_SOURCES):
+                continue
+            own_values, own_info = calibrate_label(own)
+            if own_info["fitted"]:
+                calibrated.loc[own.index] = own_values
+                per_source[str(source)] = own_info
+        if per_source:
+            info[str(label)]["per_source"] = per_source
     log.info("calibration: %s", {k: v.get("labelled_subjects", v.get("reason")) for k, v in info.items()})
     return calibrated, info
