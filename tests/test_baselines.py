@@ -16,7 +16,13 @@ from nnqc_pipe.qc.baselines import (
     reconstruction_dice,
     voting_sources,
 )
-from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, MIN_SUBJECTS, calibrate, calibrate_label
+from nnqc_pipe.qc.calibration import (
+    CALIBRATED_COLUMN,
+    MIN_SOURCE_SUBJECTS,
+    MIN_SUBJECTS,
+    calibrate,
+    calibrate_label,
+)
 
 LABELS = {1: "wall", 2: "cavity"}
 
@@ -103,11 +109,12 @@ def test_calibration_needs_enough_subjects_and_maps_unlabelled_rows():
 
 
 def test_real_segmenters_get_their_own_map_synthetic_sources_the_pooled_one():
-    pooled = _calibration_rows(8, bias=0.0).assign(source="degraded_L3")
-    unet = _calibration_rows(8, bias=0.1).assign(source="unet")  # this model's masks are rated 0.1 too high
-    gt = pd.DataFrame({"subject": [f"s{i}" for i in range(8)], "predicted_dsc": 0.85, "real_dsc": 1.0,
+    n = MIN_SOURCE_SUBJECTS
+    pooled = _calibration_rows(n, bias=0.0).assign(source="degraded_L3")
+    unet = _calibration_rows(n, bias=0.1).assign(source="unet")  # this model's masks are rated 0.1 too high
+    gt = pd.DataFrame({"subject": [f"s{i}" for i in range(n)], "predicted_dsc": 0.85, "real_dsc": 1.0,
                        "source": "gt"})
-    few = _calibration_rows(MIN_SUBJECTS - 1, bias=0.1).assign(source="atlas")  # too few subjects for its own map
+    few = _calibration_rows(n - 1, bias=0.1).assign(source="atlas")  # too few subjects for its own map
     rows = pd.concat([pooled, unet, gt, few], ignore_index=True).assign(label="foreground")
     values, info = calibrate(rows)
     assert sorted(info["foreground"]["per_source"]) == ["unet"]
