@@ -770,13 +770,18 @@ def corrupt_slice(mask: np.ndarray, n_classes: int, severity: float, rng: np.ran
     return _render(mask, steps, severity)
 
 
+def check_severity_mix(clean: float, light: float, destroyed: float) -> None:
+    """Reject severity shares below 0 or summing to more than 1 (see :func:`sample_severity`)."""
+    if min(clean, light, destroyed) < 0 or clean + light + destroyed > 1:
+        raise ValueError(f"severity shares must be >= 0 and sum to <= 1, got clean {clean}, light {light}, "
+                         f"destroyed {destroyed}")
+
+
 def sample_severity(rng: np.random.Generator, clean: float = 0.1, light: float = 0.0, destroyed: float = 0.1,
                     light_max: float = 0.2) -> float:
     """A training severity spanning [0, 1]: a share ``clean`` exactly 0, ``light`` uniform in [0, ``light_max``],
     ``destroyed`` in [0.9, 1], the rest uniform in [0, 1] (defaults: 10 % clean, 10 % destroyed)."""
-    if min(clean, light, destroyed) < 0 or clean + light + destroyed > 1:
-        raise ValueError(f"severity shares must be >= 0 and sum to <= 1, got clean {clean}, light {light}, "
-                         f"destroyed {destroyed}")
+    check_severity_mix(clean, light, destroyed)
     u = rng.random()
     if u < clean:
         return 0.0

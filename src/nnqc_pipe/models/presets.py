@@ -14,6 +14,7 @@ import copy
 from typing import Any
 
 from nnqc_pipe.config import config_hash, deep_merge
+from nnqc_pipe.degrade import check_severity_mix
 
 CONDITIONING_MODES = ("none", "image", "position", "full")
 CANDIDATE_ENCODINGS = ("coverage", "vae", "unshuffle")
@@ -234,8 +235,10 @@ def _validate(cfg: dict[str, Any]) -> None:
     if cfg["ldm"]["candidate_encoding"] not in CANDIDATE_ENCODINGS:
         raise ValueError(f"ldm.candidate_encoding must be one of {CANDIDATE_ENCODINGS}")
     mix = cfg["ldm"]["severity_mix"]
-    if min(mix["clean"], mix["light"], mix["destroyed"]) < 0 or mix["clean"] + mix["light"] + mix["destroyed"] > 1:
-        raise ValueError(f"ldm.severity_mix shares clean, light and destroyed must be >= 0 and sum to <= 1, got {mix}")
+    try:
+        check_severity_mix(mix["clean"], mix["light"], mix["destroyed"])
+    except ValueError as err:
+        raise ValueError(f"ldm.severity_mix: {err}") from None
     mode = cfg["experts"]["mode"]
     if mode not in CONDITIONING_MODES:
         raise ValueError(f"experts.mode {mode!r} is not one of {CONDITIONING_MODES}")
