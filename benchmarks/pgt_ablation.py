@@ -1,6 +1,8 @@
 """Inference-time ablation of the pGT on a trained run: how does the QC error change with the LDM checkpoint (the
-one selected on validation pGT Dice, ``best``, or the last epoch's EMA, ``final``) and with the reverse diffusion's
-start (``inference.start_strength``: 1 = pure noise as in the paper, < 1 = SDEdit start from the noised candidate)?
+one selected on validation pGT Dice, ``best``, or the last epoch's EMA, ``final``), with the reverse diffusion's
+start (``inference.start_strength``: 1 = pure noise as in the paper, < 1 = SDEdit start from the noised candidate),
+with the number of DDIM steps and noise draws, and with guidance on the image (``inference.image_guidance``, for a
+model trained with ``ldm.image_dropout``)?
 
 It reuses a run's trained models and files (``<results>/<cohort>/``: ``models/``, ``preprocessed/``,
 ``embeddings/``, ``split.tsv``, ``degraded/``) and the cohort config's labels and sources; for a seeded subset of
@@ -15,11 +17,13 @@ Usage (after a full run, e.g. benchmarks/real_segmenters.py or benchmarks/accura
     .venv/bin/python benchmarks/pgt_ablation.py --run results/bench_real/hippocampus \\
         --config results/bench_real/benchmark_real_hippocampus.yaml --weights best final --strengths 1 0.5 \\
         --subjects 6 --sources gt degraded_L3 degraded_L5 unet_e5 unet_e40 atlas
+    .venv/bin/python benchmarks/pgt_ablation.py ... --steps 20 1 --samples 2 8 --guidances 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -103,6 +107,12 @@ def summarise(table: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+def setting_key(weights: str, inference: dict[str, Any]) -> str:
+    """The name of one setting, e.g. ``best/start_strength=1/ddim_steps=20/samples=2/image_guidance=1``."""
+    fields = ("start_strength", "ddim_steps", "samples", "image_guidance")
+    return "/".join([weights] + [f"{name}={inference[name]:g}" for name in fields])
+
+
 def print_result(key: str, r: dict[str, Any]) -> None:
     """One block of the printed table."""
     print(f"{key}: r {r['pearson_r']:.3f}  MAE {r['mae']:.3f}  bias {r['bias']:+.3f}  "
@@ -119,8 +129,10 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="the cohort config the run used (absolute paths)")
     parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.6, 0.4])
     parser.add_argument("--subjects", type=int, default=10, help="test subjects (seeded subset)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--steps", type=int, nargs="+", default=[20], help="DDIM steps (each is a setting)")
+    parser.add_argument("--samples", type=int, nargs="+", default=[2], help="noise draws per slice (each a setting)")
+    parser.add_argument("--guidances", type=float, nargs="+", default=[1.0],
+                        help="inference.image_guidance values (1 = off; others need ldm.image_dropout)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", nargs="+", choices=["best", "final"], default=["best"],
                         help="LDM weights: the selected checkpoint (best) and/or the last epoch's EMA (final)")
@@ -132,16 +144,17 @@ def main() -> None:
     gt = candidate_patterns(args.run, args.config)["gt"]
     log.info("%d candidates of %d subjects", len(table), table.subject.nunique())
     results = {}
+    settings = list(itertools.product(args.strengths, args.steps, args.samples, args.guidances))
     for weights in args.weights:
         models = load_weights(args.run, weights)
-        for strength in args.strengths:
-            inference = {"ddim_steps": args.steps, "samples": args.samples, "batch_size": 64,
-                         "start_strength": strength}
+        for strength, steps, samples, guidance in settings:
+            inference = {"ddim_steps": steps, "samples": samples, "batch_size": 64, "start_strength": strength,
+                         "image_guidance": guidance}
             started = time.perf_counter()
             pairs = [predicted_and_real(models, args.run, gt, s, c, inference, args.seed)
                      for s, c in zip(table.subject, table.candidate, strict=True)]
             table["predicted"], table["real_dsc"] = zip(*pairs, strict=True)
-            key = f"{weights}/start_strength={strength:g}"
+            key = setting_key(weights, inference)
             results[key] = summarise(table) | {"s_per_candidate": (time.perf_counter() - started) / len(table)}
             print_result(key, results[key])
     if args.json:

@@ -21,6 +21,7 @@ from nnqc_pipe.models.device import resolve_device
 from nnqc_pipe.models.ldm import (
     ConditionalLDM,
     ddim_scheduler,
+    drop_image,
     encode_candidate,
     spatial_condition,
     toe_kwargs,
@@ -80,6 +81,8 @@ def test_presets_resolve_fill_plan_and_merge_overrides():
         ({"vae": {"channels": [8, 12]}}, "norm_num_groups"),
         ({"experts": {"mode": "both"}}, "experts.mode"),
         ({"ldm": {"attention_levels": [True]}}, "attention_levels"),
+        ({"ldm": {"image_dropout": 1.0}}, "image_dropout must lie"),
+        ({"ldm": {"image_dropout": 0.2, "image_input": False}, "experts": {"mode": "position"}}, "sees no image"),
     ],
 )
 def test_presets_reject_unbuildable_settings(overrides, message):
@@ -339,3 +342,50 @@ def test_partial_noise_start_runs_fewer_steps_and_depends_on_the_candidate(cfg):
     assert not np.allclose(a.probabilities, full.probabilities)
     with pytest.raises(ValueError, match="start_strength"):
         generate_pgt(models, cand, ratio, emb, ddim_steps=4, start_strength=0.0)
+
+
+def _weighted(models: PGTModels) -> PGTModels:
+    """MONAI zero-initialises the UNet's output layer: give every all-zero parameter weights."""
+    with torch.no_grad():
+        for param in models.ldm.parameters():
+            if not param.abs().sum():
+                param.normal_(0, 0.1)
+    return models
+
+
+def test_drop_image_zeroes_only_the_image_channels_of_dropped_samples(cfg):
+    cfg = cfg | {"ldm": cfg["ldm"] | {"candidate_encoding": "unshuffle", "image_input": True}}
+    condition = torch.rand(3, 2 * 4 + 4, 16, 16) + 0.1
+    out = drop_image(condition, torch.tensor([True, False, True]), cfg)
+    assert torch.equal(out[[0, 2]], condition[[0, 2]])
+    assert torch.equal(out[1, :8], condition[1, :8]) and not out[1, 8:].any()
+    no_image = cfg | {"ldm": cfg["ldm"] | {"image_input": False}}
+    assert torch.equal(drop_image(condition, torch.tensor([False] * 3), no_image), condition)
+
+
+def test_context_without_the_image_ignores_the_image_embeddings(cfg):
+    models = _models(cfg)
+    ratio = torch.tensor([0.1, 0.9])
+    pooled, tokens = torch.randn(2, 8), torch.randn(2, 4, 8)
+    drop = torch.tensor([False, False])
+    a = models.ldm.context(ratio, pooled, tokens, drop)
+    b = models.ldm.context(ratio, pooled * 5, tokens - 2, drop)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(models.ldm.context(ratio, pooled, tokens), a)
+
+
+def test_image_guidance_needs_image_dropout_and_changes_the_pgt(cfg):
+    cfg = cfg | {"ldm": cfg["ldm"] | {"candidate_encoding": "unshuffle", "image_input": True}}
+    rng = np.random.default_rng(5)
+    cand = rng.integers(0, 3, (2, 32, 32)).astype(np.uint8)
+    image = rng.normal(size=(2, 32, 32)).astype(np.float32)
+    ratio, emb = np.array([0.2, 0.8]), _embeddings(2)
+    with pytest.raises(ValueError, match="image_dropout"):
+        generate_pgt(_models(cfg), cand, ratio, emb, image=image, ddim_steps=2, image_guidance=2.0)
+    models = _weighted(_models(cfg | {"ldm": cfg["ldm"] | {"image_dropout": 0.2}}))
+    plain = generate_pgt(models, cand, ratio, emb, image=image, ddim_steps=2)
+    same = generate_pgt(models, cand, ratio, emb, image=image, ddim_steps=2, image_guidance=1.0)
+    guided = generate_pgt(models, cand, ratio, emb, image=image, ddim_steps=2, image_guidance=3.0)
+    np.testing.assert_array_equal(plain.probabilities, same.probabilities)
+    assert not np.allclose(plain.probabilities, guided.probabilities, atol=1e-4)
+    np.testing.assert_allclose(guided.probabilities.sum(1), 1.0, atol=1e-5)

@@ -41,3 +41,8 @@ def test_candidate_table_takes_test_subjects_and_chosen_sources(ablation, tmp_pa
     assert sorted(table.subject.unique()) == ["a", "c"] and set(table.source) == {"gt", "unet", "degraded_L5"}
     row = table[(table.subject == "c") & (table.source == "degraded_L5")].iloc[0]
     assert row.candidate == str(run / "degraded" / "c" / "L5.nii.gz")
+
+
+def test_setting_key_names_every_varied_setting(ablation):
+    inference = {"start_strength": 0.5, "ddim_steps": 1, "samples": 8, "image_guidance": 2.0, "batch_size": 64}
+    assert ablation.setting_key("best", inference) == "best/start_strength=0.5/ddim_steps=1/samples=8/image_guidance=2"

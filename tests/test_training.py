@@ -224,3 +224,18 @@ def test_position_only_ldm_needs_no_embeddings(cohort, vae_dir):
     train_ldm(cohort["train"], cohort["val"], None, None, PLAN, cfg, vae_dir / "vae.pt", out, "cpu", seed=1)
     card = json.loads((out / "model_card.json").read_text())
     assert card["encoder"]["used"] is False and card["conditioning_mode"] == "position"
+
+
+def test_ldm_trained_with_image_dropout_samples_with_image_guidance(cohort, vae_dir):
+    cfg = presets.resolve("cpu", TINY | {"ldm": TINY["ldm"] | {"epochs": 1, "image_dropout": 0.5}}, PLAN)
+    out = cohort["root"] / "ldm_image_dropout"
+    train_ldm(cohort["train"], cohort["val"], cohort["train_emb"], cohort["val_emb"], PLAN, cfg, vae_dir / "vae.pt",
+              out, "cpu", seed=3)
+    (out / "vae.pt").write_bytes((vae_dir / "vae.pt").read_bytes())
+    models = load_models(out, "cpu")
+    assert models.cfg["ldm"]["image_dropout"] == 0.5
+    data = np.load(cohort["val"][0])
+    args = (models, data["label"], data["slice_ratio"], load_embeddings(cohort["val_emb"][0]))
+    plain = generate_pgt(*args, image=data["image"], ddim_steps=2, seed=0)
+    guided = generate_pgt(*args, image=data["image"], ddim_steps=2, seed=0, image_guidance=2.0)
+    assert not np.allclose(plain.probabilities, guided.probabilities)

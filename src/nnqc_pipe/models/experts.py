@@ -332,9 +332,17 @@ class TeamOfExperts(nn.Module):
         return self.mode in ("position", "full")
 
     def forward(
-        self, ratio: torch.Tensor, pooled: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+        self,
+        ratio: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        keep_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Context tokens for a batch: ``ratio`` [B], ``pooled`` [B, D] and ``tokens`` [B, N, W] from E2."""
+        """Context tokens for a batch: ``ratio`` [B], ``pooled`` [B, D] and ``tokens`` [B, N, W] from E2.
+
+        ``keep_image`` [B] (bool): where False the image's contribution is left out, so the context is the one of
+        an image-free sample (image dropout in training, the unconditional branch of image guidance).
+        """
         batch = ratio.shape[0]
         queries = self.e1(ratio) if self.uses_position else self.queries.expand(batch, -1, -1)
         context = queries
@@ -344,5 +352,7 @@ class TeamOfExperts(nn.Module):
             keys = torch.cat([self.key_pooled(pooled.float())[:, None], self.key_tokens(tokens.float())], dim=1)
             keys = self.norm_kv(keys + self.key_position)
             attended, _ = self.attn(self.norm_q(queries), keys, keys, need_weights=False)
+            if keep_image is not None:
+                attended = attended * keep_image.to(attended.dtype)[:, None, None]
             context = queries + attended
         return context + self.ffn(context)

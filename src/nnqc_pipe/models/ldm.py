@@ -58,7 +58,22 @@ def condition_channels(cfg: dict[str, Any]) -> int:
         channels = foreground * latent_factor_of(cfg) ** 2
     else:
         channels = foreground
-    return channels + (latent_factor_of(cfg) ** 2 if cfg["ldm"]["image_input"] else 0)
+    return channels + image_channels(cfg)
+
+
+def image_channels(cfg: dict[str, Any]) -> int:
+    """Number of UNet input channels that carry the image slice (the last ones; 0 without ``ldm.image_input``)."""
+    return latent_factor_of(cfg) ** 2 if cfg["ldm"]["image_input"] else 0
+
+
+def drop_image(condition: torch.Tensor, keep: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    """The spatial condition with the image channels zeroed where ``keep`` [B] is False (image dropout/guidance)."""
+    n = image_channels(cfg)
+    if not n:
+        return condition
+    mask = torch.ones_like(condition)
+    mask[:, -n:] = keep.to(condition.dtype)[:, None, None, None]
+    return condition * mask
 
 
 def toe_kwargs(cfg: dict[str, Any], pooled_dim: int, token_dim: int, n_tokens: int) -> dict[str, Any]:
@@ -145,10 +160,14 @@ class ConditionalLDM(nn.Module):
         self.multiple = 2 ** (len(unet_args["channels"]) - 1)
 
     def context(
-        self, ratio: torch.Tensor, pooled: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+        self,
+        ratio: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        keep_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The Team of Experts context ``c`` for a batch."""
-        return self.toe(ratio, pooled, tokens)
+        """The Team of Experts context ``c`` for a batch (image left out where ``keep_image`` is False)."""
+        return self.toe(ratio, pooled, tokens, keep_image)
 
     def denoise(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, candidate: torch.Tensor, context: torch.Tensor
@@ -171,6 +190,8 @@ class ConditionalLDM(nn.Module):
         ratio: torch.Tensor,
         pooled: torch.Tensor | None = None,
         tokens: torch.Tensor | None = None,
+        keep_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Context then denoising, in one call (the training step)."""
-        return self.denoise(noisy, timesteps, candidate, self.context(ratio, pooled, tokens))
+        """Context then denoising, in one call (the training step); ``candidate`` already has its image channels
+        zeroed where ``keep_image`` is False (:func:`drop_image`)."""
+        return self.denoise(noisy, timesteps, candidate, self.context(ratio, pooled, tokens, keep_image))

@@ -18,7 +18,7 @@ import torch
 
 from nnqc_pipe.models.autoencoder import build_autoencoder, latent_factor, one_hot
 from nnqc_pipe.models.device import resolve_device
-from nnqc_pipe.models.ldm import ConditionalLDM, ddim_scheduler, spatial_condition
+from nnqc_pipe.models.ldm import ConditionalLDM, ddim_scheduler, drop_image, spatial_condition
 from nnqc_pipe.models.training import read_checkpoint
 
 
@@ -95,6 +95,7 @@ def generate_pgt(
     batch_size: int = 32,
     seed: int = 0,
     start_strength: float = 1.0,
+    image_guidance: float = 1.0,
 ) -> PGT:
     """pGT for every slice of a subject.
 
@@ -107,9 +108,17 @@ def generate_pgt(
     from the candidate's own latent noised to that fraction of the schedule (an SDEdit start) and runs only the
     remaining DDIM steps, so an on-manifold candidate is kept and a broken one is pulled to the nearest plausible
     mask.
+
+    ``image_guidance`` w: 1 uses the conditional prediction as it is; otherwise each step's prediction is
+    ``free + w (conditional - free)``, where ``free`` leaves the image out (classifier-free guidance on the image;
+    w > 1 pushes the pGT towards what the image supports). Needs a model trained with ``ldm.image_dropout``.
     """
     if not 0.0 < start_strength <= 1.0:
         raise ValueError(f"start_strength must lie in (0, 1], got {start_strength}")
+    guided = image_guidance != 1.0
+    if guided and not models.cfg["ldm"].get("image_dropout", 0.0):
+        raise ValueError(f"inference.image_guidance {image_guidance} needs a model trained with ldm.image_dropout > 0 "
+                         "(this one never learnt the image-free prediction)")
     dev, n_classes = models.device, models.n_classes
     if models.ldm.toe.uses_image and embeddings is None:
         raise ValueError(f"conditioning mode {models.ldm.toe.mode!r} needs the subject's image embeddings")
@@ -137,12 +146,16 @@ def generate_pgt(
         pooled = _repeat(embeddings["pooled"], index, n_samples, dev) if embeddings is not None else None
         tokens = _repeat(embeddings["tokens"], index, n_samples, dev) if embeddings is not None else None
         context = models.ldm.context(ratio, pooled, tokens)
+        free = image_free_condition(models, cand_latent, ratio, pooled, tokens) if guided else None
         latents = noise[index].flatten(0, 1).to(dev)
         if start_strength < 1.0:
             latents = noised_candidate(models, cand, latents, scheduler, int(timesteps_run[0]), n_samples)
         for t in timesteps_run:
             timesteps = torch.full((latents.shape[0],), int(t), device=dev, dtype=torch.long)
             eps = models.ldm.denoise(latents, timesteps, cand_latent, context)
+            if free is not None:
+                eps_free = models.ldm.denoise(latents, timesteps, *free)
+                eps = eps_free + image_guidance * (eps - eps_free)
             latents, _ = scheduler.step(eps, int(t), latents)
         samples = torch.softmax(models.vae.decode(latents / models.scale_factor), dim=1)
         samples = samples.view(-1, n_samples, n_classes, height, width)
@@ -165,6 +178,13 @@ def reconstruct(models: PGTModels, candidate: np.ndarray, batch_size: int = 32) 
         logits = models.vae.reconstruct(one_hot(cand, models.n_classes))
         out[index] = torch.softmax(logits, dim=1).cpu().numpy()
     return out
+
+
+def image_free_condition(models: PGTModels, cand_latent: torch.Tensor, ratio: torch.Tensor,
+                         pooled: torch.Tensor | None, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spatial condition and context of the same batch with the image left out (image guidance's free branch)."""
+    keep = torch.zeros(cand_latent.shape[0], dtype=torch.bool, device=cand_latent.device)
+    return drop_image(cand_latent, keep, models.cfg), models.ldm.context(ratio, pooled, tokens, keep)
 
 
 def start_timesteps(scheduler: Any, strength: float) -> torch.Tensor:

@@ -37,9 +37,10 @@ _COMMON: dict[str, Any] = {
     # Checkpoint selection: "val_dice" (pGT Dice against GT) or "val_qc" (1 − |predicted − real DSC| of the
     # validation candidates); validation pGTs start from pure noise unless val_start_strength < 1 (SDEdit).
     # The training candidates' severity mix (degrade.sample_severity): shares of clean, light (up to light_max)
-    # and destroyed candidates, the rest uniform over [0, 1].
+    # and destroyed candidates, the rest uniform over [0, 1]. image_dropout: the share of training samples seen
+    # without the image (channels and E2), which inference.image_guidance needs.
     "ldm": {"candidate_encoding": "unshuffle", "image_input": True, "min_snr_gamma": 5.0, "select_on": "val_dice",
-            "val_start_strength": 1.0,
+            "val_start_strength": 1.0, "image_dropout": 0.0,
             "severity_mix": {"clean": 0.1, "light": 0.0, "destroyed": 0.1, "light_max": 0.2}},
     "noise": {
         "n_train_timesteps": 1000,
@@ -242,6 +243,12 @@ def _validate(cfg: dict[str, Any]) -> None:
     mode = cfg["experts"]["mode"]
     if mode not in CONDITIONING_MODES:
         raise ValueError(f"experts.mode {mode!r} is not one of {CONDITIONING_MODES}")
+    dropout = cfg["ldm"]["image_dropout"]
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"ldm.image_dropout must lie in [0, 1), got {dropout}")
+    if dropout and not (cfg["ldm"]["image_input"] or mode in ("image", "full")):
+        raise ValueError(f"ldm.image_dropout {dropout}: the model sees no image (ldm.image_input false, "
+                         f"experts.mode {mode!r})")
     factor = 2 ** (len(cfg["vae"]["channels"]) - 1)
     if any(s % factor for s in cfg["patch_size"]):
         raise ValueError(f"patch_size {cfg['patch_size']} must be a multiple of {factor} for vae.channels")

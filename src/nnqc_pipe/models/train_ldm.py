@@ -35,7 +35,7 @@ from nnqc_pipe.data.io import file_sha256, write_json
 from nnqc_pipe.models.autoencoder import build_autoencoder, one_hot
 from nnqc_pipe.models.device import resolve_device, seed_everything
 from nnqc_pipe.models.embed import load_embeddings
-from nnqc_pipe.models.ldm import ConditionalLDM, noise_scheduler, toe_kwargs, unet_kwargs
+from nnqc_pipe.models.ldm import ConditionalLDM, drop_image, noise_scheduler, toe_kwargs, unet_kwargs
 from nnqc_pipe.models.pgt import PGTModels, generate_pgt
 from nnqc_pipe.models.presets import training_hash
 from nnqc_pipe.models.training import (
@@ -269,16 +269,31 @@ class LDMTrainer:
             )
             image = augment_intensity(data.image[index], rng) if data.image is not None else None
             cand = condition(torch.as_tensor(candidates, device=self.device), image)
-            total += self.train_step(latents[index].to(self.device), cand, data.slice_ratio[index], emb)
+            keep = self.image_kept(rng, len(index))
+            if keep is not None:
+                cand = drop_image(cand, keep, self.cfg)
+            total += self.train_step(latents[index].to(self.device), cand, data.slice_ratio[index], emb, keep)
         return {"loss": total / len(batches), "steps": len(batches), "lr": self.lr_schedule.get_last_lr()[0]}
 
-    def train_step(self, z0: torch.Tensor, cand: torch.Tensor, ratio: np.ndarray, emb: dict) -> float:
+    def image_kept(self, rng: np.random.Generator, n: int) -> torch.Tensor | None:
+        """Per sample, whether the image condition is kept (``ldm.image_dropout``); None when nothing is dropped.
+
+        Training some samples without the image teaches the image-free prediction that image guidance
+        (``inference.image_guidance``) extrapolates away from.
+        """
+        rate = float(self.lcfg["image_dropout"])
+        if rate <= 0:
+            return None
+        return torch.as_tensor(rng.random(n) >= rate, device=self.device)
+
+    def train_step(self, z0: torch.Tensor, cand: torch.Tensor, ratio: np.ndarray, emb: dict,
+                   keep_image: torch.Tensor | None = None) -> float:
         """Weighted MSE of the prediction (ε, x0 or v) on one batch; clipped gradient step; EMA update."""
         noise = torch.randn_like(z0)
         timesteps = torch.randint(0, self.noise.num_train_timesteps, (z0.shape[0],), device=self.device)
         noisy = self.noise.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
         ratio_t = torch.as_tensor(ratio, device=self.device)
-        pred = self.model(noisy, timesteps, cand, ratio_t, emb.get("pooled"), emb.get("tokens"))
+        pred = self.model(noisy, timesteps, cand, ratio_t, emb.get("pooled"), emb.get("tokens"), keep_image)
         per_sample = F.mse_loss(pred, self.target(z0, noise, timesteps), reduction="none").flatten(1).mean(1)
         loss = (per_sample * self.loss_weight(timesteps)).mean()
         self.optimizer.zero_grad(set_to_none=True)

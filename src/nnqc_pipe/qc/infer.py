@@ -71,6 +71,7 @@ def infer_subject(
         batch_size=int(inference_cfg["batch_size"]),
         seed=seed,
         start_strength=float(inference_cfg.get("start_strength", 1.0)),
+        image_guidance=float(inference_cfg.get("image_guidance", 1.0)),
     )
     pgt_indices = invert_probabilities(result.probabilities, record)
     axis, original_index = original_slice_order(record)
