@@ -25,7 +25,7 @@ from nnqc_pipe.models.bundle import (
     check_bundle,
     read_bundle,
 )
-from nnqc_pipe.models.presets import PRESETS, check_overrides, plan_overrides
+from nnqc_pipe.models.presets import PRESETS, check_guidance, check_overrides, plan_overrides
 
 min_version("9.0")
 
@@ -57,6 +57,8 @@ if (
 # degradation and training; a corrupted or incompatible bundle stops the run here, naming every problem.
 QC_MODEL_SOURCE = config["qc_model"]
 QC_BUNDLE = None
+if not QC_MODEL_SOURCE:
+    check_guidance(config["inference"], config["model"], config["preset"])
 if QC_MODEL_SOURCE:
     try:
         # The checksums are verified once, by the main process; jobs only read the description.

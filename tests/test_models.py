@@ -90,6 +90,13 @@ def test_presets_reject_unbuildable_settings(overrides, message):
         presets.resolve("cpu", overrides, PLAN)
 
 
+def test_image_guidance_is_checked_against_the_model_to_be_trained():
+    presets.check_guidance({"image_guidance": 1.0}, {}, "cpu")
+    presets.check_guidance({"image_guidance": 2.0}, {"ldm": {"image_dropout": 0.2}}, "cpu")
+    with pytest.raises(ValueError, match="needs model.ldm.image_dropout"):
+        presets.check_guidance({"image_guidance": 2.0}, {}, "cpu")
+
+
 def test_presets_reject_unknown_name_and_odd_patch():
     with pytest.raises(ValueError, match="unknown preset"):
         presets.resolve("gpu", None, PLAN)

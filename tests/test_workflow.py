@@ -202,3 +202,9 @@ def test_wrong_config_key_fails_clearly(tmp_path):
     config = base_config(tmp_path, "x/{subject}.nii.gz", "y/{subject}.nii.gz", plan={"patch_sise": 3})
     proc = run_snakemake(config, tmp_path, "-n")
     assert proc.returncode != 0 and "patch_sise" in proc.stdout + proc.stderr
+
+
+def test_image_guidance_without_image_dropout_stops_the_run(tmp_path):
+    config = base_config(tmp_path, "x/{subject}.nii.gz", "y/{subject}.nii.gz", inference={"image_guidance": 2.0})
+    proc = run_snakemake(config, tmp_path, "-n")
+    assert proc.returncode != 0 and "needs model.ldm.image_dropout" in proc.stdout + proc.stderr

@@ -273,6 +273,18 @@ def check_overrides(overrides: dict[str, Any], preset_name: str, where: str = "m
     _check_against(overrides, PRESETS[preset_name], where, preset_name)
 
 
+def check_guidance(inference: dict[str, Any], overrides: dict[str, Any], preset_name: str) -> None:
+    """Reject ``inference.image_guidance`` != 1 when the model to be trained gets no image dropout.
+
+    Called when the workflow starts, so the mistake stops the run before training instead of in every infer job.
+    """
+    guidance = float(inference.get("image_guidance", 1.0))
+    dropout = deep_merge(PRESETS[preset_name], overrides)["ldm"]["image_dropout"]
+    if guidance != 1.0 and not dropout:
+        raise ValueError(f"inference.image_guidance {guidance:g} needs model.ldm.image_dropout > 0 (preset "
+                         f"{preset_name!r} trains without it, so the image-free prediction guidance uses is unlearnt)")
+
+
 def _check_against(overrides: dict[str, Any], reference: dict[str, Any], where: str, preset_name: str) -> None:
     if not isinstance(overrides, dict):
         raise ValueError(f"config key {where} must be a mapping, got {type(overrides).__name__}")
