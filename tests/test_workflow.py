@@ -208,3 +208,20 @@ def test_image_guidance_without_image_dropout_stops_the_run(tmp_path):
     config = base_config(tmp_path, "x/{subject}.nii.gz", "y/{subject}.nii.gz", inference={"image_guidance": 2.0})
     proc = run_snakemake(config, tmp_path, "-n")
     assert proc.returncode != 0 and "needs model.ldm.image_dropout" in proc.stdout + proc.stderr
+
+
+def test_check_command_scores_one_case_with_the_trained_models(demo_run, tmp_path, capsys):
+    """``nnqc_pipe check``: one image + mask outside Snakemake, with the run's models; guidance on a model trained
+    without image dropout is refused with exit status 2."""
+    from nnqc_pipe.cli import main
+
+    subject = pd.read_csv(demo_run / "split.tsv", sep="\t").query("role == 'test'").subject.iloc[0]
+    case = ["--image", str(demo_run / "data" / "imagesTr" / f"{subject}.nii.gz"),
+            "--mask", str(demo_run / "data" / "labelsTr" / f"{subject}.nii.gz"),
+            "--model-dir", str(demo_run / "models"), "--ddim-steps", "2", "--device", "cpu"]
+    out = tmp_path / "pgt.nii.gz"
+    assert main(["check", *case, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted_dsc" in printed and "foreground" in printed
+    assert nib.load(out).shape == nib.load(case[1]).shape
+    assert main(["check", *case, "--image-guidance", "2"]) == 2

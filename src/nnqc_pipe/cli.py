@@ -147,6 +147,8 @@ def add_check_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=1, help="pGT draws per slice (default: 1)")
     p.add_argument("--start-strength", type=float, default=1.0,
                    help="1 = start from pure noise (the paper), < 1 = from the noised candidate (default: 1)")
+    p.add_argument("--image-guidance", type=float, default=1.0,
+                   help="guidance on the image, for models trained with ldm.image_dropout (default: 1 = off)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 

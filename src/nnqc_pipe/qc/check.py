@@ -36,13 +36,14 @@ def find_plan(model_dir: str | os.PathLike, plan: str | os.PathLike | None) -> d
 def check_case(image: str | os.PathLike, mask: str | os.PathLike, model_dir: str | os.PathLike,
                out: str | os.PathLike | None = None, plan: str | os.PathLike | None = None,
                ddim_steps: int = 20, samples: int = 1, device: str = "auto", seed: int = 0,
-               tolerance_mm: float = 2.0, start_strength: float = 1.0) -> pd.DataFrame:
+               tolerance_mm: float = 2.0, start_strength: float = 1.0, image_guidance: float = 1.0) -> pd.DataFrame:
     """Predicted quality of ``mask`` for ``image``; writes the pGT to ``out`` when given. Returns the metrics."""
     plan_ = find_plan(model_dir, plan)
     subject = Path(image).name.split(".")[0]
     models = load_models(model_dir, device)
     pre = preprocess_subject(subject, image, None, plan_)
-    inference = {"ddim_steps": ddim_steps, "samples": samples, "batch_size": 64, "start_strength": start_strength}
+    inference = {"ddim_steps": ddim_steps, "samples": samples, "batch_size": 64, "start_strength": start_strength,
+                 "image_guidance": image_guidance}
     with tempfile.TemporaryDirectory() as tmp:
         embeddings = None
         if models.ldm.toe.uses_image:
@@ -60,9 +61,9 @@ def check_case(image: str | os.PathLike, mask: str | os.PathLike, model_dir: str
 
 
 def check(image: str, mask: str, model_dir: str, out: str | None, plan: str | None, ddim_steps: int,
-          samples: int, device: str, seed: int, start_strength: float = 1.0) -> None:
+          samples: int, device: str, seed: int, start_strength: float = 1.0, image_guidance: float = 1.0) -> None:
     """Command-line entry: print the predicted scores of one case."""
     table = check_case(image, mask, model_dir, out, plan, ddim_steps, samples, device, seed,
-                       start_strength=start_strength)
+                       start_strength=start_strength, image_guidance=image_guidance)
     columns = ["label", "dsc", "hd95_mm", "nsd", "iou", "ravd"]
     print(table[columns].rename(columns=lambda c: c if c == "label" else f"predicted_{c}").to_string(index=False))
