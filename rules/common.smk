@@ -25,7 +25,13 @@ from nnqc_pipe.models.bundle import (
     check_bundle,
     read_bundle,
 )
-from nnqc_pipe.models.presets import PRESETS, check_guidance, check_overrides, plan_overrides
+from nnqc_pipe.models.presets import (
+    check_guidance,
+    check_overrides,
+    plan_overrides,
+    resolve_inference,
+    training_digest,
+)
 
 min_version("9.0")
 
@@ -39,6 +45,8 @@ if not config:
 validate(config, "../config/schemas/config.schema.yaml")
 # model: overrides are checked against the preset here, so a typo stops the run before any job.
 check_overrides(config["model"], config["preset"])
+# inference.ddim_steps left unset: the preset's step count (cpu 1, paper 20).
+config["inference"] = resolve_inference(config["inference"], config["model"], config["preset"])
 
 # Without --use-conda the jobs run the `python` on PATH: stop now, in one line, if it cannot import the package's
 # dependencies (e.g. .venv/bin/snakemake called without activating the environment).
@@ -95,9 +103,9 @@ SETTINGS = {
     "perceptual_weights": config["perceptual_weights"],
     "tiny_checkpoint": f"{MODELS}/tiny_vision_expert.pt",
 }
-# The preset's own values: a param of the training rules, so that a new release's preset retrains the models instead
-# of silently reusing ones trained with the old values.
-PRESET_DIGEST = config_hash(PRESETS[config["preset"]])
+# The preset's own training values: a param of the training rules, so that a new release's preset retrains the
+# models instead of silently reusing ones trained with the old values.
+PRESET_DIGEST = training_digest(config["preset"])
 # The plan rounds patch sizes to the preset networks' downsampling factor unless the config fixes it.
 PLAN_OVERRIDES = plan_overrides(config)
 # What the report needs from the config: its thresholds and the source selection.

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from nnqc_pipe import config as cfg
+from nnqc_pipe.models.presets import resolve_inference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_shipped_configs_validate_and_get_defaults(name):
     c = cfg.load_config(REPO / name)
     assert c["split"]["seed"] == 42
-    assert c["inference"]["ddim_steps"] >= 1
+    steps = resolve_inference(c["inference"], c["model"], c["preset"])["ddim_steps"]
+    assert steps == {"cpu": 1, "paper": 20}.get(c["preset"], c["inference"]["ddim_steps"])
     assert c["plan"]["divisor"] == "auto"
 
 

@@ -97,6 +97,19 @@ def test_image_guidance_is_checked_against_the_model_to_be_trained():
         presets.check_guidance({"image_guidance": 2.0}, {}, "cpu")
 
 
+def test_ddim_steps_default_to_the_presets_and_never_retrain(monkeypatch):
+    assert presets.resolve_inference({"samples": 2}, {}, "cpu") == {"samples": 2, "ddim_steps": 1}
+    assert presets.resolve_inference({"ddim_steps": None}, {}, "paper")["ddim_steps"] == 20
+    assert presets.resolve_inference({"ddim_steps": 7}, {}, "cpu")["ddim_steps"] == 7
+    assert presets.resolve_inference({}, {"inference": {"ddim_steps": 4}}, "cpu")["ddim_steps"] == 4
+    digest = presets.training_digest("cpu")
+    changed = presets.deep_merge(presets.PRESETS["cpu"], {"inference": {"ddim_steps": 50}})
+    monkeypatch.setitem(presets.PRESETS, "cpu", changed)
+    assert presets.training_digest("cpu") == digest
+    monkeypatch.setitem(presets.PRESETS, "cpu", presets.deep_merge(changed, {"ldm": {"lr": 1.0}}))
+    assert presets.training_digest("cpu") != digest
+
+
 def test_presets_reject_unknown_name_and_odd_patch():
     with pytest.raises(ValueError, match="unknown preset"):
         presets.resolve("gpu", None, PLAN)

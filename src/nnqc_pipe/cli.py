@@ -143,7 +143,8 @@ def add_check_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", required=True, help="folder with vae.pt and ldm.pt (results/<cohort>/models)")
     p.add_argument("--out", default=None, help="write the pGT here (NIfTI; default: not written)")
     p.add_argument("--plan", default=None, help="plan.json (default: next to or above --model-dir)")
-    p.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps (default: 20)")
+    p.add_argument("--ddim-steps", type=int, default=None,
+                   help="DDIM steps (default: the model's preset, e.g. 1 for cpu, 20 for paper)")
     p.add_argument("--samples", type=int, default=1, help="pGT draws per slice (default: 1)")
     p.add_argument("--start-strength", type=float, default=1.0,
                    help="1 = start from pure noise (the paper), < 1 = from the noised candidate (default: 1)")

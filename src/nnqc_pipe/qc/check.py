@@ -35,14 +35,18 @@ def find_plan(model_dir: str | os.PathLike, plan: str | os.PathLike | None) -> d
 
 def check_case(image: str | os.PathLike, mask: str | os.PathLike, model_dir: str | os.PathLike,
                out: str | os.PathLike | None = None, plan: str | os.PathLike | None = None,
-               ddim_steps: int = 20, samples: int = 1, device: str = "auto", seed: int = 0,
+               ddim_steps: int | None = None, samples: int = 1, device: str = "auto", seed: int = 0,
                tolerance_mm: float = 2.0, start_strength: float = 1.0, image_guidance: float = 1.0) -> pd.DataFrame:
-    """Predicted quality of ``mask`` for ``image``; writes the pGT to ``out`` when given. Returns the metrics."""
+    """Predicted quality of ``mask`` for ``image``; writes the pGT to ``out`` when given. Returns the metrics.
+
+    ``ddim_steps`` None: the step count of the model's preset (recorded in its checkpoint).
+    """
     plan_ = find_plan(model_dir, plan)
     subject = Path(image).name.split(".")[0]
     models = load_models(model_dir, device)
     pre = preprocess_subject(subject, image, None, plan_)
-    inference = {"ddim_steps": ddim_steps, "samples": samples, "batch_size": 64, "start_strength": start_strength,
+    steps = ddim_steps or int(models.cfg["inference"]["ddim_steps"])
+    inference = {"ddim_steps": steps, "samples": samples, "batch_size": 64, "start_strength": start_strength,
                  "image_guidance": image_guidance}
     with tempfile.TemporaryDirectory() as tmp:
         embeddings = None
@@ -60,7 +64,7 @@ def check_case(image: str | os.PathLike, mask: str | os.PathLike, model_dir: str
     return pd.DataFrame(rows)
 
 
-def check(image: str, mask: str, model_dir: str, out: str | None, plan: str | None, ddim_steps: int,
+def check(image: str, mask: str, model_dir: str, out: str | None, plan: str | None, ddim_steps: int | None,
           samples: int, device: str, seed: int, start_strength: float = 1.0, image_guidance: float = 1.0) -> None:
     """Command-line entry: print the predicted scores of one case."""
     table = check_case(image, mask, model_dir, out, plan, ddim_steps, samples, device, seed,
