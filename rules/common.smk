@@ -46,7 +46,9 @@ validate(config, "../config/schemas/config.schema.yaml")
 # model: overrides are checked against the preset here, so a typo stops the run before any job.
 check_overrides(config["model"], config["preset"])
 # inference.ddim_steps left unset: the preset's step count (cpu 1, paper 20).
-config["inference"] = resolve_inference(config["inference"], config["model"], config["preset"])
+config["inference"] = resolve_inference(
+    config["inference"], config["model"], config["preset"]
+)
 
 # Without --use-conda the jobs run the `python` on PATH: stop now, in one line, if it cannot import the package's
 # dependencies (e.g. .venv/bin/snakemake called without activating the environment).
