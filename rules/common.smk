@@ -45,10 +45,6 @@ if not config:
 validate(config, "../config/schemas/config.schema.yaml")
 # model: overrides are checked against the preset here, so a typo stops the run before any job.
 check_overrides(config["model"], config["preset"])
-# inference.ddim_steps left unset: the preset's step count (cpu 1, paper 20).
-config["inference"] = resolve_inference(
-    config["inference"], config["model"], config["preset"]
-)
 
 # Without --use-conda the jobs run the `python` on PATH: stop now, in one line, if it cannot import the package's
 # dependencies (e.g. .venv/bin/snakemake called without activating the environment).
@@ -79,6 +75,13 @@ if QC_MODEL_SOURCE:
         )
     except BundleError as exc:
         raise WorkflowError(str(exc)) from None
+# inference.ddim_steps left unset: the step count of the QC model's preset (cpu 1, paper 20; with qc_model, the
+# preset the bundle was trained with).
+config["inference"] = (
+    resolve_inference(config["inference"], {}, QC_BUNDLE["preset"])
+    if QC_BUNDLE
+    else resolve_inference(config["inference"], config["model"], config["preset"])
+)
 if config["labels"] is None and not QC_MODEL_SOURCE:
     raise WorkflowError(
         "labels: null leaves nothing to train the QC model on; set qc_model: to a bundle "
