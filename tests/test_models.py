@@ -239,6 +239,15 @@ def _models(cfg: dict, mode: str = "full") -> PGTModels:
     return PGTModels(vae=vae.eval(), ldm=ldm.eval(), scale_factor=1.0, cfg=cfg, device=torch.device("cpu"))
 
 
+def _weighted(models: PGTModels) -> PGTModels:
+    """MONAI zero-initialises the UNet's output layer: give every all-zero parameter weights."""
+    with torch.no_grad():
+        for param in models.ldm.parameters():
+            if not param.abs().sum():
+                param.normal_(0, 0.1)
+    return models
+
+
 def _embeddings(n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(n)
     return {
@@ -346,11 +355,7 @@ def test_partial_noise_start_runs_fewer_steps_and_depends_on_the_candidate(cfg):
     assert len(start_timesteps(scheduler, 1.0)) == 10
     half = start_timesteps(scheduler, 0.5)
     assert 0 < len(half) < 10 and int(half.max()) <= 500
-    models = _models(cfg)
-    with torch.no_grad():  # MONAI zero-initialises the UNet's output layer: give it weights so x0 depends on x_t
-        for param in models.ldm.parameters():
-            if not param.abs().sum():
-                param.normal_(0, 0.1)
+    models = _weighted(_models(cfg))  # with output weights, x0 depends on x_t
     rng = np.random.default_rng(0)
     cand = rng.integers(0, 3, (3, 32, 32)).astype(np.uint8)
     ratio = np.linspace(0, 1, 3).astype(np.float32)
@@ -362,15 +367,6 @@ def test_partial_noise_start_runs_fewer_steps_and_depends_on_the_candidate(cfg):
     assert not np.allclose(a.probabilities, full.probabilities)
     with pytest.raises(ValueError, match="start_strength"):
         generate_pgt(models, cand, ratio, emb, ddim_steps=4, start_strength=0.0)
-
-
-def _weighted(models: PGTModels) -> PGTModels:
-    """MONAI zero-initialises the UNet's output layer: give every all-zero parameter weights."""
-    with torch.no_grad():
-        for param in models.ldm.parameters():
-            if not param.abs().sum():
-                param.normal_(0, 0.1)
-    return models
 
 
 def test_drop_image_zeroes_only_the_image_channels_of_dropped_samples(cfg):
