@@ -25,6 +25,7 @@ from nnqc_pipe.models.bundle import (
     check_bundle,
     read_bundle,
 )
+from nnqc_pipe.data.split import assign_folds
 from nnqc_pipe.models.presets import (
     check_guidance,
     check_overrides,
@@ -120,6 +121,22 @@ USES_IMAGE = config["model"].get("experts", {}).get("mode", "full") in ("image",
 DEGRADED_LEVELS = [] if QC_MODEL_SOURCE else LEVELS
 DEGRADED_SOURCES = [f"degraded_L{level}" for level in DEGRADED_LEVELS]
 USER_SOURCES = dict(config["sources"])
+# The learned QC opinion: trained here, or taken from a qc_model bundle that has one.
+LEARNED = config["learned"]["enabled"] and (
+    not QC_MODEL_SOURCE or os.path.isfile(f"{QC_MODEL_SOURCE}/qcnet.pt")
+)
+FOLDS = list(range(config["learned"]["folds"]))
+# User sources whose masks of the training subjects are extra training candidates of the learned opinion.
+LEARNED_SOURCES = {
+    name: pattern_
+    for name, pattern_ in USER_SOURCES.items()
+    if name not in config["learned"]["exclude_sources"]
+}
+if config["report"]["verdict_score"] in ("learned", "combined") and not LEARNED:
+    raise WorkflowError(
+        f"report.verdict_score: {config['report']['verdict_score']} needs the learned opinion: set "
+        "learned.enabled: true (with qc_model, a bundle exported with qcnet.pt)"
+    )
 # Rules run `python -m nnqc_pipe`; the package is importable from this checkout in any environment.
 shell.prefix(
     f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
@@ -154,6 +171,7 @@ SUBJECTS = all_subjects()
 
 wildcard_constraints:
     chunk=CHUNK_ID_PATTERN,
+    fold=r"\d+",
 
 
 # ---- The file contract's per-subject paths, as patterns for the chunk jobs ({subject}, {source}, {level}) ----
@@ -174,6 +192,10 @@ PATTERNS = {
     ),
     "scores": f"{OUT}/scores/{{source}}/{{subject}}.parquet",
     "selected": f"{OUT}/selected/{{subject}}.nii.gz",
+    "learned_candidates": f"{OUT}/learned/candidates/{{subject}}.npz",
+    "learned": (
+        f"{OUT}/learned/estimated/{{source}}/{{subject}}.nii.gz" if LEARNED else "none"
+    ),
 }
 # Candidate masks of every source: the GT, the saved degradation levels, the user's sources.
 CANDIDATES = {
@@ -383,3 +405,19 @@ def training_subjects():
 def preprocessed_all(wildcards):
     """Every preprocess chunk (rule all)."""
     return chunk_records("preprocess")
+
+
+def fold_members(fold):
+    """The labelled training subjects of a fold of the learned opinion's segmenters (input functions)."""
+    folds = assign_folds(training_subjects(), len(FOLDS), config["seed"])
+    return sorted(s for s, f in folds.items() if f == int(fold))
+
+
+def fold_sources(fold):
+    """The user sources' masks that exist for a fold's subjects (extra training candidates)."""
+    return [
+        fill(pattern_, subject=s)
+        for s in fold_members(fold)
+        for pattern_ in LEARNED_SOURCES.values()
+        if os.path.exists(fill(pattern_, subject=s))
+    ]

@@ -1,4 +1,5 @@
-# Inference: a pseudo ground truth for every candidate (source x subject), on the subject's original grid.
+# Inference: a pseudo ground truth for every candidate (source x subject), on the subject's original grid, and
+# the learned opinion's error maps (learned/estimated/...) when it is on.
 
 
 # Chunk test-NNNN / unlabelled-NNNN: pgt/{source}/{subject}.nii.gz (+ .slices.parquet, errors/...) for every source
@@ -12,6 +13,7 @@ rule infer:
         candidates=lambda w: candidate_inputs("infer", w.chunk),
         vae=f"{MODELS}/vae.pt",
         ldm=f"{MODELS}/ldm.pt",
+        qcnet=f"{MODELS}/qcnet.pt" if LEARNED else [],
     output:
         f"{CHUNKS_DIR}/infer/{{chunk}}.tsv",
     log:
@@ -33,6 +35,8 @@ rule infer:
         pgt=pattern("pgt"),
         slices=pattern("slices"),
         errors=pattern("errors"),
+        learned=pattern("learned"),
+        qcnet=lambda w, input: input.qcnet or "none",
         model_dir=lambda w, input: os.path.dirname(input.ldm),
         inference=as_json(config["inference"]),
         device=config["device"],
@@ -41,4 +45,5 @@ rule infer:
         "OMP_NUM_THREADS={threads} python -m nnqc_pipe infer --tasks {params.tasks:q} --npz {params.npz:q} "
         "--embeddings {params.embeddings:q} --candidates {params.candidates:q} --model-dir {params.model_dir} "
         "--inference {params.inference:q} --device {params.device} --seed {params.seed} --out-pgt {params.pgt:q} "
-        "--out-slices {params.slices:q} --out-errors {params.errors:q} --record {output} > {log} 2>&1"
+        "--out-slices {params.slices:q} --out-errors {params.errors:q} --qcnet {params.qcnet:q} "
+        "--out-learned {params.learned:q} --record {output} > {log} 2>&1"

@@ -41,6 +41,7 @@ if QC_MODEL_SOURCE:
         output:
             vae=f"{MODELS}/vae.pt",
             ldm=f"{MODELS}/ldm.pt",
+            qcnet=[f"{MODELS}/qcnet.pt"] if LEARNED else [],
             card=f"{MODELS}/model_card.json",
             fingerprint=f"{OUT}/fingerprint.json",
             plan=f"{OUT}/plan.json",

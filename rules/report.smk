@@ -8,6 +8,7 @@ rule report:
         card=f"{MODELS}/model_card.json",
         vae=f"{MODELS}/vae.pt",
         ldm=f"{MODELS}/ldm.pt",
+        qcnet=f"{MODELS}/qcnet.pt" if LEARNED else [],
         plan=f"{OUT}/plan.json",
         fingerprint=f"{OUT}/fingerprint.json",
     output:
@@ -78,9 +79,10 @@ rule report:
         inspect=pattern("inspect"),
         selected=pattern("selected"),
         results_dir=lambda w, input: os.path.dirname(input.plan),
+        learned=pattern("learned"),
     shell:
         "python -m nnqc_pipe report --score-chunks {input.scores} --out-dir {params.out_dir} --cohort {params.cohort} "
         "--settings {params.settings:q} --config-digest {params.digest} --model-dir {params.model_dir} "
         "--plan-json {input.plan} --fingerprint-json {input.fingerprint} --inspect {params.inspect:q} --candidates {params.candidates:q} --pgt {params.pgt:q} "
         "--selected {params.selected:q} --figures-dir {params.figures_dir} --results-dir {params.results_dir} "
-        "> {log} 2>&1"
+        "--learned {params.learned:q} > {log} 2>&1"

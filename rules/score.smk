@@ -32,9 +32,11 @@ rule score:
         slices=pattern("slices"),
         gt=lambda w, input: PATTERNS["label"] if input.gt else "none",
         out=pattern("scores"),
+        learned=pattern("learned"),
         tolerance=config["metrics"]["surface_dice_tolerance_mm"],
     shell:
         "python -m nnqc_pipe score --cohort {params.cohort} --tasks {params.tasks:q} --npz {params.npz:q} "
         "--plan-json {input.plan} --candidates {params.candidates:q} --pgt {params.pgt:q} --gt {params.gt:q} "
-        "--slices {params.slices:q} --tolerance-mm {params.tolerance} --out {params.out:q} --record {output} "
+        "--slices {params.slices:q} --learned {params.learned:q} --tolerance-mm {params.tolerance} "
+        "--out {params.out:q} --record {output} "
         "> {log} 2>&1"

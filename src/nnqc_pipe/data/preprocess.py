@@ -299,20 +299,40 @@ def record_plan(record: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _maps_on_ras_grid(maps: np.ndarray, record: dict[str, Any], cvals: list[float]) -> np.ndarray:
+    """Maps [S, K, H, W] on the patch grid -> [K, *ras_shape-in-slice-first-order] resampled linearly in-plane."""
+    axis_a, axis_b = record["inplane_axes"]
+    shape = (record["ras_shape"][axis_a], record["ras_shape"][axis_b])
+    return np.stack([
+        _resample_inverse(maps[:, c].astype(np.float32), record, shape, cval=cvals[c])
+        for c in range(maps.shape[1])
+    ])
+
+
 def invert_probabilities(probs: np.ndarray, record: dict[str, Any]) -> np.ndarray:
     """Class probabilities [S, C, H, W] on the patch grid -> class indices on the ORIGINAL array grid.
 
     Each class map is resampled linearly to the original in-plane grid (background = 1 outside the window),
     the argmax taken, then the slicing axis and RAS orientation undone.
     """
-    axis_a, axis_b = record["inplane_axes"]
-    shape = (record["ras_shape"][axis_a], record["ras_shape"][axis_b])
-    back = np.stack([
-        _resample_inverse(probs[:, c].astype(np.float32), record, shape, cval=float(c == 0))
-        for c in range(probs.shape[1])
-    ])
+    back = _maps_on_ras_grid(probs, record, [float(c == 0) for c in range(probs.shape[1])])
     indices_ras = _slices_back(back.argmax(axis=0).astype(np.uint8), record["slicing_axis"])
     return from_ras(indices_ras, np.asarray(record["orig_affine"]))
+
+
+def invert_maps(maps: np.ndarray, record: dict[str, Any], cval: float = 0.0) -> np.ndarray:
+    """Continuous maps [S, K, H, W] on the patch grid -> [K, *orig_shape] float32 on the ORIGINAL array grid
+    (linear in-plane, ``cval`` outside the window)."""
+    back = _maps_on_ras_grid(maps, record, [cval] * maps.shape[1])
+    affine = np.asarray(record["orig_affine"])
+    return np.stack([from_ras(_slices_back(m, record["slicing_axis"]), affine) for m in back])
+
+
+def patch_spacing(record: dict[str, Any]) -> tuple[float, float, float]:
+    """Voxel size (mm) of the preprocessed stack [S, H, W]: the slice spacing, then the in-plane target spacing."""
+    inplane = [record["ras_spacing"][axis] * step for axis, step in zip(record["inplane_axes"], record["step"],
+                                                                          strict=True)]
+    return (float(record["slice_spacing"]), float(inplane[0]), float(inplane[1]))
 
 
 def invert_labels(indices: np.ndarray, record: dict[str, Any]) -> np.ndarray:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -113,3 +115,13 @@ def read_split(split_tsv: str | os.PathLike) -> dict[str, list[str]]:
     """Role -> sorted subject list."""
     df = pd.read_csv(split_tsv, sep="\t", dtype=str)
     return {role: sorted(df.loc[df.role == role, "subject"]) for role in ROLES}
+
+
+def assign_folds(subjects: Sequence[str], n_folds: int, seed: int) -> dict[str, int]:
+    """Subject -> fold in ``0 .. n_folds - 1``: a seeded permutation of the sorted names dealt round-robin, so
+    folds differ in size by at most one and the same config always gives the same folds."""
+    if n_folds < 2:
+        raise ValueError(f"learned.folds must be at least 2, got {n_folds}")
+    names = sorted(subjects)
+    order = np.random.default_rng([seed, zlib.crc32(b"folds")]).permutation(len(names))
+    return {names[i]: int(rank % n_folds) for rank, i in enumerate(order)}

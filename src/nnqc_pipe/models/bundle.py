@@ -3,6 +3,7 @@
 ``nnqc-pipe export-model results/<cohort> OUT`` (:func:`export_model`) writes::
 
     OUT/vae.pt, ldm.pt            the trained networks (as in results/<cohort>/models/)
+    OUT/qcnet.pt                  the learned QC opinion's network, when the cohort trained one
     OUT/model_card.json           what was trained, how well (validation figures), with which vision expert
     OUT/plan.json                 the preprocessing plan the networks were trained with
     OUT/fingerprint.json          the training cohort's fingerprint (reference of the domain-shift check)
@@ -40,6 +41,8 @@ MANIFEST = "MANIFEST"
 MODEL_FILES = ("vae.pt", "ldm.pt", "model_card.json")
 COHORT_FILES = ("plan.json", "fingerprint.json")
 BUNDLE_FILES = (*MODEL_FILES, *COHORT_FILES, DESCRIPTION)
+# Networks a bundle carries when the training cohort has them (the learned opinion is optional).
+OPTIONAL_MODEL_FILES = ("qcnet.pt",)
 
 
 class BundleError(ValueError):
@@ -122,6 +125,8 @@ def bundle_sources(results_dir: Path) -> dict[str, Path]:
     """Bundle file name -> where it is in a cohort's results; refuses when any is missing."""
     sources = {name: results_dir / "models" / name for name in MODEL_FILES}
     sources.update({name: results_dir / name for name in COHORT_FILES})
+    sources.update({name: results_dir / "models" / name for name in OPTIONAL_MODEL_FILES
+                    if (results_dir / "models" / name).is_file()})
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
         raise BundleError(f"{results_dir} holds no trained QC model: missing {missing} (run the workflow first)")
@@ -290,7 +295,9 @@ def import_bundle(bundle_dir: str | os.PathLike, models_dir: str | os.PathLike, 
         raise BundleError(f"qc_model {folder}: " + "; ".join(problems))
     description = read_bundle(folder)
     for name, dest in (("vae.pt", Path(models_dir) / "vae.pt"), ("ldm.pt", Path(models_dir) / "ldm.pt"),
-                       ("fingerprint.json", fingerprint_out), ("plan.json", plan_out)):
+                       ("fingerprint.json", fingerprint_out), ("plan.json", plan_out),
+                       *((name, Path(models_dir) / name) for name in OPTIONAL_MODEL_FILES
+                         if (folder / name).is_file())):
         with atomic_path(dest) as tmp:
             shutil.copyfile(folder / name, tmp)
     card = read_json(folder / "model_card.json")

@@ -20,6 +20,9 @@ CONDITIONING_MODES = ("none", "image", "position", "full")
 CANDIDATE_ENCODINGS = ("coverage", "vae", "unshuffle")
 SELECTION_SCORES = ("val_dice", "val_qc")
 RUN_LENGTH_KEYS = ("epochs", "max_minutes", "patience")
+# The preset sections each trained network depends on (its training hash).
+SECTION_DEPENDENCIES = {"vae": ["vae"], "ldm": ["vae", "ldm", "experts", "encoder", "noise"],
+                        "segmenter": ["segmenter"], "qcnet": ["qcnet"]}
 
 _COMMON: dict[str, Any] = {
     "encoder": {
@@ -42,6 +45,15 @@ _COMMON: dict[str, Any] = {
     "ldm": {"candidate_encoding": "unshuffle", "image_input": True, "min_snr_gamma": 5.0, "select_on": "val_dice",
             "val_start_strength": 1.0, "image_dropout": 0.0,
             "severity_mix": {"clean": 0.1, "light": 0.0, "destroyed": 0.1, "light_max": 0.2}},
+    # The learned QC opinion (models/segmenter.py, models/qcnet.py): the k-fold segmenters that make its training
+    # candidates, saved at the ``checkpoints`` epochs (poor to converged), and the QC network (a MONAI residual UNet
+    # on image + one-hot candidate, predicting per-group "extra" and "missed" voxel error maps; loss weights of
+    # the error-map BCE, the error-map Dice and the MAE of the volume DSC counted from the maps).
+    "segmenter": {"channels": [16, 32, 64], "res_units": 1, "lr": 1e-3, "batch_size": 16,
+                  "checkpoints": [1, 3, 8, 20], "max_minutes": 6},
+    "qcnet": {"channels": [16, 32, 64, 128], "res_units": 2, "lr": 1e-3, "epochs": 30, "volumes_per_epoch": 120,
+              "volumes_per_step": 2, "patience": 8, "max_minutes": 12, "batch_size": 64,
+              "loss_weights": {"bce": 1.0, "dice": 0.5, "dsc": 2.0}},
     "noise": {
         "n_train_timesteps": 1000,
         "schedule": "scaled_linear_beta",
@@ -154,6 +166,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "val_max_subjects": 16,
             },
             "experts": {"mode": "full", "d_model": 512, "n_queries": 8, "n_heads": 8, "n_fourier": 16},
+            "segmenter": {"channels": [32, 64, 128, 256], "res_units": 2, "max_minutes": None},
+            "qcnet": {"channels": [32, 64, 128, 256, 320], "epochs": 200, "volumes_per_epoch": 400, "patience": 30,
+                      "max_minutes": None},
             "noise": {"prediction_type": "epsilon"},
             "inference": {"ddim_steps": 20, "n_samples": 1, "batch_size": 32},
         },
@@ -189,6 +204,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "val_max_subjects": 2,
             },
             "experts": {"d_model": 32, "n_heads": 2},
+            "segmenter": {"channels": [8, 16], "checkpoints": [1, 2], "max_minutes": 2},
+            "qcnet": {"channels": [8, 16, 32], "res_units": 1, "epochs": 2, "volumes_per_epoch": 16, "patience": None,
+                      "max_minutes": 2},
             "inference": {"ddim_steps": 10, "batch_size": 32},
         },
     ),
@@ -214,10 +232,10 @@ def resolve(preset_name: str, overrides: dict[str, Any] | None, plan: dict[str, 
 def training_hash(cfg: dict[str, Any], section: str, extra: dict[str, Any] | None = None) -> str:
     """Hash of what a training run's result depends on, run-length fields excluded.
 
-    ``section`` is ``vae`` or ``ldm``; the LDM also depends on the autoencoder, the experts, the encoder
-    and the noise schedule. ``extra`` adds run inputs (subject lists, seed).
+    ``section`` is ``vae``, ``ldm``, ``segmenter`` or ``qcnet``; the LDM also depends on the autoencoder, the
+    experts, the encoder and the noise schedule. ``extra`` adds run inputs (subject lists, seed).
     """
-    keys = ["patch_size", "n_classes", "vae"] + (["ldm", "experts", "encoder", "noise"] if section == "ldm" else [])
+    keys = ["patch_size", "n_classes", *SECTION_DEPENDENCIES[section]]
     relevant = {k: copy.deepcopy(cfg[k]) for k in keys}
     for key in RUN_LENGTH_KEYS:
         relevant[section].pop(key, None)

@@ -8,22 +8,30 @@ model's masks carry their own bias (e.g. a CNN's masks rated a little high). Its
 labelled row gets the prediction of a map fitted *without its subject* (K-fold by subject); rows without ground
 truth get the map fitted on every labelled row. ``calibrated_dsc`` sits next to ``predicted_dsc``, never
 replacing it.
+
+The same out-of-fold discipline fits ``combined_dsc``, the fusion of nnQC's and the learned opinion
+(:func:`combine`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import GroupKFold
 
 from nnqc_pipe.qc.baselines import SYNTHETIC_SOURCES
+from nnqc_pipe.qc.learned import LEARNED_DSC
 
 log = logging.getLogger(__name__)
 
 CALIBRATED_COLUMN = "calibrated_dsc"
+COMBINED_COLUMN = "combined_dsc"
 MIN_SUBJECTS = 5
 # A map of one model's own: on ACDC, 8 labelled subjects per model gave out-of-fold maps that reversed the order
 # inside the model (within-model r -0.2); 20 (hippocampus) did not.
@@ -51,19 +59,77 @@ def calibrate_label(rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, object]]:
     if n_subjects < MIN_SUBJECTS:
         return out, {"fitted": False, "reason": f"{n_subjects} labelled subjects (< {MIN_SUBJECTS})"}
     x, y = predicted[labelled], real[labelled]
-    oof = np.empty(len(x))
-    folds = GroupKFold(n_splits=min(MAX_FOLDS, n_subjects))
-    for train, test in folds.split(x, y, groups):
-        oof[test] = _isotonic().fit(x[train], y[train]).predict(x[test])
-    out[labelled] = oof
+    out[labelled], n_folds = out_of_fold(x, y, groups, _isotonic)
     rest = ~labelled & np.isfinite(predicted)
     if rest.any():
         out[rest] = _isotonic().fit(x, y).predict(predicted[rest])
     info = {"fitted": True, "method": "isotonic regression, predicted -> real DSC",
             "labelled_rows": int(labelled.sum()), "labelled_subjects": n_subjects,
-            "folds": int(folds.n_splits), "cross_validated": "by subject: labelled rows are predicted by a map "
-            "fitted without their subject; other rows by the map fitted on all labelled rows"}
+            "folds": n_folds, "cross_validated": CROSS_VALIDATED}
     return out, info
+
+
+CROSS_VALIDATED = ("by subject: labelled rows are predicted by a map fitted without their subject; other rows by "
+                   "the map fitted on all labelled rows")
+
+
+def out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, make_model: Callable[[], Any]
+                ) -> tuple[np.ndarray, int]:
+    """Out-of-fold predictions of ``make_model()`` fitted on (x, y) with folds grouped by subject (``groups``):
+    no row is ever predicted by a model that saw its own subject. Returns the predictions and the fold count."""
+    oof = np.empty(len(x))
+    folds = GroupKFold(n_splits=min(MAX_FOLDS, len(set(groups))))
+    for train, test in folds.split(x, y, groups):
+        oof[test] = make_model().fit(x[train], y[train]).predict(x[test])
+    return oof, int(folds.n_splits)
+
+
+def combine_label(rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, object]]:
+    """``combined_dsc`` of the rows of one label (columns subject, predicted_dsc, learned_dsc, real_dsc).
+
+    A linear regression of the real DSC on the two opinions (nnQC's predicted DSC and the learned DSC), clipped to
+    [0, 1]: labelled rows get out-of-fold predictions (folds grouped by subject), the others the regression fitted
+    on every labelled row. With fewer than :data:`MIN_SUBJECTS` labelled subjects nothing can be fitted honestly:
+    the combined score is the plain mean of the two opinions, and the info says so.
+    """
+    features = rows[["predicted_dsc", LEARNED_DSC]].to_numpy(dtype=float)
+    real = rows["real_dsc"].to_numpy(dtype=float)
+    usable = np.isfinite(features).all(axis=1)
+    labelled = usable & np.isfinite(real)
+    groups = rows["subject"].to_numpy()[labelled]
+    n_subjects = len(set(groups))
+    out = np.full(len(rows), np.nan)
+    if n_subjects < MIN_SUBJECTS:
+        out[usable] = features[usable].mean(axis=1)
+        return out, {"fitted": False, "method": "mean of predicted_dsc and learned_dsc (not fitted)",
+                     "reason": f"{n_subjects} labelled subjects (< {MIN_SUBJECTS})"}
+    x, y = features[labelled], real[labelled]
+    oof, n_folds = out_of_fold(x, y, groups, LinearRegression)
+    out[labelled] = oof
+    rest = usable & ~labelled
+    model = LinearRegression().fit(x, y)
+    if rest.any():
+        out[rest] = model.predict(features[rest])
+    info = {"fitted": True, "method": "linear regression of the real DSC on predicted_dsc and learned_dsc",
+            "coefficients": {"predicted_dsc": float(model.coef_[0]), LEARNED_DSC: float(model.coef_[1]),
+                             "intercept": float(model.intercept_)},
+            "labelled_rows": int(labelled.sum()), "labelled_subjects": n_subjects, "folds": n_folds,
+            "cross_validated": CROSS_VALIDATED}
+    return np.clip(out, 0.0, 1.0), info
+
+
+def combine(subjects: pd.DataFrame) -> tuple[pd.Series, dict[str, dict[str, object]]]:
+    """``combined_dsc`` for every row of the subjects table (all NaN without ``learned_dsc``) and, per label, how it
+    was fitted (:func:`combine_label`)."""
+    combined = pd.Series(np.nan, index=subjects.index, name=COMBINED_COLUMN)
+    info: dict[str, dict[str, object]] = {}
+    if LEARNED_DSC not in subjects or subjects[LEARNED_DSC].isna().all():
+        return combined, {"all": {"fitted": False, "reason": "no learned opinion"}}
+    for label, rows in subjects.groupby("label", sort=True):
+        values, info[str(label)] = combine_label(rows)
+        combined.loc[rows.index] = values
+    log.info("combined score: %s", {k: v.get("coefficients", v.get("reason")) for k, v in info.items()})
+    return combined, info
 
 
 def calibrate(subjects: pd.DataFrame) -> tuple[pd.Series, dict[str, dict[str, object]]]:

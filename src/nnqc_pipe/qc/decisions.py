@@ -181,7 +181,8 @@ def _compare(value: float, sign: str, threshold: float) -> str:
     return f"{value:.{digits}f} {sign} {threshold:.2f}"
 
 
-def assign_verdicts(subjects: pd.DataFrame, thresholds: VerdictThresholds | None = None) -> pd.DataFrame:
+def assign_verdicts(subjects: pd.DataFrame, thresholds: VerdictThresholds | None = None,
+                    score_column: str = "predicted_dsc") -> pd.DataFrame:
     """Copy of ``subjects`` with ``risk`` (0–1), ``verdict`` (PASS/REVIEW/FAIL) and ``verdict_reason`` per row.
 
     Rules (``t`` = thresholds, risk formula in :class:`VerdictThresholds`):
@@ -194,10 +195,11 @@ def assign_verdicts(subjects: pd.DataFrame, thresholds: VerdictThresholds | None
 
     Boundaries: a DSC equal to a threshold is not below it, but at exactly ``fail_dsc`` the shortfall is full, so risk
     is 1 and the row FAILs. The reason lists every triggered cause in words; the risk threshold is named only when it
-    is what set the verdict (FAIL without a DSC below ``fail_dsc``, REVIEW without any other cause).
+    is what set the verdict (FAIL without a DSC below ``fail_dsc``, REVIEW without any other cause). The DSC is
+    ``score_column`` (the report's verdict score; nnQC's ``predicted_dsc`` by default).
     """
     t = thresholds or VerdictThresholds()
-    dsc = _number(subjects, "predicted_dsc")
+    dsc = _number(subjects, score_column)
     uncertainty = _number(subjects, "uncertainty")
     low_dsc = _flag(subjects, "flag_low_dsc_outlier")
     high_hd95 = _flag(subjects, "flag_high_hd95_outlier")

@@ -29,7 +29,9 @@ from nnqc_pipe.data.preprocess import (
 )
 from nnqc_pipe.models.embed import load_embeddings
 from nnqc_pipe.models.pgt import PGTModels, generate_pgt, reconstruct
+from nnqc_pipe.models.qcnet import QCNet
 from nnqc_pipe.qc.baselines import reconstruction_counts
+from nnqc_pipe.qc.learned import estimated_truth, learned_slice_counts
 from nnqc_pipe.qc.metrics import error_map
 
 log = logging.getLogger(__name__)
@@ -39,12 +41,15 @@ class Inference:
     """The pGT (class indices, original grid) and per-slice facts in original slice order.
 
     ``slices`` has slice_index, slice_ratio, uncertainty and the VAE-reconstruction counts of the candidate
-    (:func:`nnqc_pipe.qc.baselines.reconstruction_counts`).
+    (:func:`nnqc_pipe.qc.baselines.reconstruction_counts`), and with the learned opinion its soft error counts
+    (:func:`nnqc_pipe.qc.learned.learned_slice_counts`); ``estimated`` is then the learned opinion's estimated
+    truth (class indices, original grid).
     """
 
     pgt: np.ndarray
     candidate: np.ndarray
     slices: pd.DataFrame
+    estimated: np.ndarray | None = None
 
 
 def infer_subject(
@@ -54,8 +59,9 @@ def infer_subject(
     embeddings_path: str | os.PathLike | None,
     inference_cfg: dict[str, Any],
     seed: int,
+    learned: QCNet | None = None,
 ) -> Inference:
-    """pGT for one candidate of one subject, back on the original grid."""
+    """pGT for one candidate of one subject, back on the original grid (and the learned opinion, when given)."""
     record = pre.record
     candidate_values = load_candidate(candidate_path, record)
     candidate_patch = to_patch_space(candidate_values, record)
@@ -76,15 +82,20 @@ def infer_subject(
     pgt_indices = invert_probabilities(result.probabilities, record)
     axis, original_index = original_slice_order(record)
     recon = invert_probabilities(reconstruct(models, candidate_patch, int(inference_cfg["batch_size"])), record)
-    counts = reconstruction_counts(values_to_indices(candidate_values, record["label_values"]), recon, axis,
-                                   models.n_classes)
+    candidate_indices = values_to_indices(candidate_values, record["label_values"])
+    counts = reconstruction_counts(candidate_indices, recon, axis, models.n_classes)
+    estimated = None
+    if learned is not None:
+        probabilities = learned.probabilities(pre.image, candidate_patch)
+        counts.update(learned_slice_counts(probabilities, candidate_indices, record))
+        estimated = estimated_truth(probabilities, candidate_indices, record)
     slices = pd.DataFrame({
         "slice_index": original_index.astype(np.int64),
         "slice_ratio": pre.slice_ratio.astype(np.float64),
         "uncertainty": result.uncertainty.astype(np.float64),
         **{column: values[original_index] for column, values in counts.items()},
     }).sort_values("slice_index", ignore_index=True)
-    return Inference(pgt=pgt_indices, candidate=candidate_values, slices=slices)
+    return Inference(pgt=pgt_indices, candidate=candidate_values, slices=slices, estimated=estimated)
 
 
 def save_inference(
@@ -93,11 +104,17 @@ def save_inference(
     pgt_path: str | os.PathLike,
     slices_path: str | os.PathLike,
     errors_path: str | os.PathLike | None,
+    estimated_path: str | os.PathLike | None = None,
 ) -> None:
-    """Write the pGT NIfTI (file label values, original affine), the per-slice table and the error map."""
+    """Write the pGT NIfTI (file label values, original affine), the per-slice table, the error map and the
+    learned opinion's estimated truth."""
     pgt_img = to_nifti(inference.pgt, record)
     write_nifti(pgt_img, pgt_path)
     write_parquet(inference.slices, slices_path)
     if errors_path is not None:
         errors = error_map(values_to_indices(inference.candidate, record["label_values"]), inference.pgt)
         write_nifti(nifti_on_original_grid(errors, record), errors_path)
+    if estimated_path is not None:
+        if inference.estimated is None:
+            raise ValueError(f"no learned estimate to write to {estimated_path}")
+        write_nifti(to_nifti(inference.estimated, record), estimated_path)

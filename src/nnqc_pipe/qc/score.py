@@ -15,6 +15,7 @@ import pandas as pd
 from nnqc_pipe.data.io import check_same_grid, load_volume, read_label_array, spacing_of
 from nnqc_pipe.data.preprocess import original_slice_order
 from nnqc_pipe.qc.baselines import reconstruction_dice
+from nnqc_pipe.qc.learned import learned_dice, learned_scores
 from nnqc_pipe.qc.metrics import compute_metrics, compute_slice_metrics
 from nnqc_pipe.report.tables import score_rows
 
@@ -44,8 +45,11 @@ def score_subject(
     record: dict[str, Any],
     label_names: dict[int, str],
     tolerance_mm: float,
+    learned_path: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
-    """The scores table of one candidate (see :func:`nnqc_pipe.report.tables.score_rows`)."""
+    """The scores table of one candidate (see :func:`nnqc_pipe.report.tables.score_rows`); with
+    ``learned_path`` (the learned opinion's estimated truth) also ``learned_dsc`` (counted from the per-slice
+    error counts in ``slices``) and ``learned_nsd`` (candidate against the estimated truth)."""
     values = record["label_values"]
     pgt_img = load_volume(pgt_path, subject, "pseudo ground truth")
     candidate = _load_on_grid(candidate_path, pgt_img, subject, values, "candidate mask")
@@ -63,4 +67,9 @@ def score_subject(
                                                                     strict=True)}
     uncertainty[("foreground", None)] = float(slices.uncertainty.mean())
     recon = reconstruction_dice(slices, label_names, values)
-    return score_rows(cohort, source, subject, predicted, real, ratio, uncertainty, recon)
+    learned = None
+    if learned_path is not None:
+        estimated = _load_on_grid(learned_path, pgt_img, subject, values, "learned estimated truth")
+        nsd = all_metric_rows(candidate, estimated, spacing, label_names, axis, tolerance_mm)
+        learned = learned_scores(learned_dice(slices, label_names, values), nsd)
+    return score_rows(cohort, source, subject, predicted, real, ratio, uncertainty, recon, learned)

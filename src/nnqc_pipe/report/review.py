@@ -22,8 +22,8 @@ from nnqc_pipe.qc.metrics import FOREGROUND, error_map
 
 log = logging.getLogger(__name__)
 
-REGION_COLUMNS = ["cohort", "source", "subject", "verdict", "risk", "kind", "component", "volume_mm3", "n_voxels",
-                  "slice_first", "slice_last", "centroid_vox"]
+REGION_COLUMNS = ["cohort", "source", "subject", "verdict", "risk", "opinion", "kind", "component", "volume_mm3",
+                  "n_voxels", "slice_first", "slice_last", "centroid_vox"]
 
 
 def candidate_errors(candidate_path: str, pgt_path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -38,13 +38,14 @@ def candidate_errors(candidate_path: str, pgt_path: str) -> tuple[np.ndarray, ni
 
 
 def error_region_table(subjects: pd.DataFrame, candidates: dict[str, str], pgt: str, slicing_axis: int,
-                       min_voxels: int = 1) -> pd.DataFrame:
+                       min_voxels: int = 1, opinion: str = "nnqc") -> pd.DataFrame:
     """Connected error regions (missed, extra, class confusion) of every REVIEW/FAIL foreground candidate.
 
-    ``candidates``: source -> candidate path pattern with ``{subject}``; ``pgt``: pGT path pattern with
-    ``{source}`` and ``{subject}``; ``slicing_axis``: the plan's (RAS) slicing axis, mapped to each subject's
-    array axis so that ``slice_first``/``slice_last`` index the stored image. Regions below ``min_voxels`` are
-    left out.
+    ``candidates``: source -> candidate path pattern with ``{subject}``; ``pgt``: path pattern with ``{source}``
+    and ``{subject}`` of the reference the errors are taken against (nnQC's pGT, or the learned opinion's
+    estimated truth; ``opinion`` names it in the table); ``slicing_axis``: the plan's (RAS) slicing axis, mapped
+    to each subject's array axis so that ``slice_first``/``slice_last`` index the stored image. Regions below
+    ``min_voxels`` are left out.
     """
     flagged = subjects[(subjects["label"] == FOREGROUND) & subjects["verdict"].isin(["REVIEW", "FAIL"])]
     tables = []
@@ -54,7 +55,7 @@ def error_region_table(subjects: pd.DataFrame, candidates: dict[str, str], pgt: 
         regions = error_regions(errors, spacing_of(img), original_slice_axis(img.affine, slicing_axis))
         regions = regions[regions["n_voxels"] >= min_voxels]
         tables.append(regions.assign(cohort=row.cohort, source=row.source, subject=row.subject,
-                                     verdict=row.verdict, risk=row.risk))
+                                     verdict=row.verdict, risk=row.risk, opinion=opinion))
     if not tables:
         return pd.DataFrame(columns=REGION_COLUMNS)
     table = pd.concat(tables, ignore_index=True)[REGION_COLUMNS]

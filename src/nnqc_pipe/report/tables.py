@@ -37,7 +37,7 @@ from scipy import stats
 
 from nnqc_pipe.data.io import atomic_path, concat_parquet, write_parquet
 from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, VAE_RECON_COLUMN
-from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, calibrate
+from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, COMBINED_COLUMN, calibrate, combine
 from nnqc_pipe.qc.decisions import (
     VerdictThresholds,
     assign_verdicts,
@@ -48,6 +48,7 @@ from nnqc_pipe.qc.decisions import (
     select_sources,
     selection_summary,
 )
+from nnqc_pipe.qc.learned import LEARNED_DSC, LEARNED_NSD
 from nnqc_pipe.qc.metrics import FLAGS, FOREGROUND, HIGHER_IS_BETTER, METRICS
 from nnqc_pipe.qc.ood import ood_table
 
@@ -61,6 +62,7 @@ ALL_DEGRADED = "all_degraded"
 MIN_PEARSON_PAIRS = 3
 TUKEY_K = 1.5
 COUNT_COLUMNS = {"cand_voxels": "Int64", "pgt_voxels": "Int64", "gt_voxels": "Int64"}
+LEARNED_COLUMNS = {LEARNED_DSC: "float64", LEARNED_NSD: "float64"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,6 +86,7 @@ def scores_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         **COUNT_COLUMNS,
         "uncertainty": "float64",
         VAE_RECON_COLUMN: "float64",
+        **LEARNED_COLUMNS,
     }
 
 
@@ -111,6 +114,9 @@ def subjects_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         CALIBRATED_COLUMN: "float64",
         AGREEMENT_COLUMN: "float64",
         VAE_RECON_COLUMN: "float64",
+        **LEARNED_COLUMNS,
+        COMBINED_COLUMN: "float64",
+        "verdict_score": "float64",
         "risk": "float64",
         "verdict": "str",
         "verdict_reason": "str",
@@ -127,6 +133,7 @@ def slices_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         **COUNT_COLUMNS,
         "uncertainty": "float64",
         VAE_RECON_COLUMN: "float64",
+        **LEARNED_COLUMNS,
         **{f"flag_{flag}": "bool" for flag in FLAGS},
     }
 
@@ -216,6 +223,7 @@ def score_rows(
     slice_ratio: Sequence[float] | np.ndarray | None,
     uncertainty: Mapping[tuple[str, int | None], float] | None = None,
     vae_recon: Mapping[tuple[str, int | None], float] | None = None,
+    learned: Mapping[str, Mapping[tuple[str, int | None], float]] | None = None,
 ) -> pd.DataFrame:
     """The scores table of one (source, subject) from :mod:`nnqc_pipe.qc.metrics` rows.
 
@@ -224,7 +232,8 @@ def score_rows(
     otherwise it must cover the same labels and slices). ``slice_ratio[i]`` is the ratio of slice ``i`` (None:
     NaN); ``uncertainty`` maps ``(label, slice_index or None)`` to the disagreement between pGT samples (see
     ``metrics.sample_disagreement``; None: NaN); ``vae_recon`` maps the same keys to the VAE-reconstruction
-    baseline (:func:`nnqc_pipe.qc.baselines.reconstruction_dice`; None or a missing key: NaN).
+    baseline (:func:`nnqc_pipe.qc.baselines.reconstruction_dice`; None or a missing key: NaN); ``learned`` maps
+    ``learned_dsc`` / ``learned_nsd`` to such a mapping (:func:`nnqc_pipe.qc.learned.learned_scores`; None: NaN).
     """
     predicted = _prefixed_frame(predicted_rows, PREDICTED, "pgt_voxels")
     if real_rows is None:
@@ -241,6 +250,8 @@ def score_rows(
     table["slice_ratio"] = _slice_ratios(table["slice_index"], slice_ratio)
     table["uncertainty"] = _per_row(table, uncertainty)
     table[VAE_RECON_COLUMN] = _per_row(table, vae_recon)
+    for column in LEARNED_COLUMNS:
+        table[column] = _per_row(table, (learned or {}).get(column))
     return _typed(table, scores_schema(metric_names(table)))
 
 
@@ -291,33 +302,56 @@ def _slice_ratios(slice_index: pd.Series, slice_ratio: Sequence[float] | np.ndar
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_subjects(scores: pd.DataFrame, qc_pass_dsc: float, thresholds: VerdictThresholds | None = None,
-                   ood: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (cohort, source, subject, label) with predicted/real metrics, flags, ``qc_pass`` and the verdict.
-
-    ``ood`` (optional; columns subject, source, flag_out_of_distribution, ood_reason) marks candidates outside
-    the training cohort's range; the verdict (:func:`nnqc_pipe.qc.decisions.assign_verdicts`) uses it.
-    """
-    metrics = metric_names(scores)
+def subject_rows(scores: pd.DataFrame, ood: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The volume rows of the scores, one per (cohort, source, subject, label), with ``n_slices``, the metric flags
+    and, from ``ood`` (columns subject, source, flag_out_of_distribution, ood_reason), the domain-shift flag."""
     volume = scores[scores["level"] == "volume"].copy()
     n_slices = scores[scores["level"] == "slice"].groupby(ID_COLUMNS).size().rename("n_slices").reset_index()
     subjects = volume.merge(n_slices, on=ID_COLUMNS, how="left")
     subjects["n_slices"] = subjects["n_slices"].fillna(0)
     for flag in FLAGS:
         subjects[f"flag_{flag}"] = subjects[f"{PREDICTED}_{flag}"]
-    subjects["flag_low_dsc_outlier"] = _tukey_low(subjects, f"{PREDICTED}_dsc")
+    if ood is not None and not ood.empty:
+        subjects = subjects.merge(ood, on=["subject", "source"], how="left")
+    return subjects
+
+
+# report.verdict_score -> the column the verdicts, Tukey flags, qc_pass and the selection act on.
+VERDICT_SCORES = {"nnqc": f"{PREDICTED}_dsc", "learned": LEARNED_DSC, "combined": COMBINED_COLUMN,
+                  "calibrated": CALIBRATED_COLUMN}
+
+
+def apply_verdicts(subjects: pd.DataFrame, qc_pass_dsc: float, thresholds: VerdictThresholds | None = None,
+                   verdict_score: str = "nnqc") -> pd.DataFrame:
+    """``verdict_score`` (the chosen score's values), the Tukey outlier flags, ``qc_pass`` and the verdict
+    (:func:`nnqc_pipe.qc.decisions.assign_verdicts`) of every subject row, typed and sorted."""
+    if verdict_score not in VERDICT_SCORES:
+        raise ValueError(f"report.verdict_score {verdict_score!r} is not one of {sorted(VERDICT_SCORES)}")
+    column = VERDICT_SCORES[verdict_score]
+    if column not in subjects or subjects[column].isna().all():
+        raise ValueError(f"report.verdict_score {verdict_score!r}: the report has no {column} values to act on")
+    metrics = metric_names(subjects)
+    subjects = subjects.copy()
+    subjects["verdict_score"] = subjects[column].astype(float)
+    subjects["flag_low_dsc_outlier"] = _tukey_low(subjects, "verdict_score")
     subjects["flag_high_hd95_outlier"] = (
         _tukey_high(subjects, f"{PREDICTED}_hd95_mm") if "hd95_mm" in metrics else False
     )
-    subjects["flag_below_threshold"] = ~(subjects[f"{PREDICTED}_dsc"] >= qc_pass_dsc)
+    subjects["flag_below_threshold"] = ~(subjects["verdict_score"] >= qc_pass_dsc)
     failing = ["flag_below_threshold", "flag_low_dsc_outlier", "flag_high_hd95_outlier"]
     subjects["qc_pass"] = ~subjects[failing].any(axis=1)
-    if ood is not None and not ood.empty:
-        subjects = subjects.merge(ood, on=["subject", "source"], how="left")
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
-    subjects = assign_verdicts(subjects, thresholds)
+    subjects = assign_verdicts(subjects, thresholds, score_column="verdict_score")
     subjects = subjects.sort_values(ID_COLUMNS, kind="stable")
     return _typed(subjects, subjects_schema(metrics))
+
+
+def build_subjects(scores: pd.DataFrame, qc_pass_dsc: float, thresholds: VerdictThresholds | None = None,
+                   ood: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (cohort, source, subject, label) with predicted/real metrics, flags, ``qc_pass`` and the verdict
+    on nnQC's predicted DSC (:func:`subject_rows`, :func:`apply_verdicts`; the report adds the other opinions
+    first, :func:`write_report`)."""
+    return apply_verdicts(subject_rows(scores, ood), qc_pass_dsc, thresholds)
 
 
 def _tukey_low(df: pd.DataFrame, column: str) -> pd.Series:
@@ -372,7 +406,7 @@ def build_summary(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame
 # Other predictors of the real DSC in the summary, each a row ``metric`` of its own: the calibrated nnQC score and
 # the two baselines, inter-source agreement and VAE reconstruction (nnqc_pipe.qc.calibration, nnqc_pipe.qc.baselines).
 EXTRA_PREDICTORS = {"calibrated_dsc": CALIBRATED_COLUMN, "agreement_dsc": AGREEMENT_COLUMN,
-                    "vae_recon_dsc": VAE_RECON_COLUMN}
+                    "vae_recon_dsc": VAE_RECON_COLUMN, "learned_dsc": LEARNED_DSC, "combined_dsc": COMBINED_COLUMN}
 
 
 def _summary_pairs(subjects: pd.DataFrame) -> list[tuple[str, str, str]]:
@@ -462,19 +496,23 @@ def _kendall_tau(predicted: pd.Series, real: pd.Series) -> float:
 
 def add_predictors(subjects: pd.DataFrame, agreement: pd.DataFrame | None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, object]]]:
-    """The subjects table with ``calibrated_dsc`` (isotonic map fitted on the labelled rows, cross-validated) and
-    the inter-source agreement baseline (null where not computed); also how the calibration was fitted."""
-    schema = subjects_schema(metric_names(subjects))
+    """The subject rows with ``calibrated_dsc`` (isotonic map fitted on the labelled rows, cross-validated), the
+    inter-source agreement baseline (null where not computed) and ``combined_dsc`` (nnQC and the learned opinion,
+    fitted out of fold); also how the calibration and the combination were fitted."""
+    subjects = subjects.drop(columns=[AGREEMENT_COLUMN], errors="ignore")
     if agreement is not None and not agreement.empty:
-        subjects = subjects.drop(columns=AGREEMENT_COLUMN).merge(agreement, on=["subject", "source", "label"],
-                                                                 how="left")
+        subjects = subjects.merge(agreement, on=["subject", "source", "label"], how="left")
+    subjects = subjects.reset_index(drop=True)
     subjects[CALIBRATED_COLUMN], calibration = calibrate(subjects)
-    return _typed(subjects, schema), calibration
+    subjects[COMBINED_COLUMN], combination = combine(subjects)
+    return subjects, {"calibration": calibration, "combined": combination}
 
 
 def build_selection(subjects: pd.DataFrame, use_pgt_when_all_fail: bool, fail_dsc: float) -> pd.DataFrame:
-    """The best source per subject by predicted foreground DSC (:func:`nnqc_pipe.qc.decisions.select_sources`)."""
-    selection = select_sources(subjects, FOREGROUND, use_pgt_when_all_fail=use_pgt_when_all_fail, fail_dsc=fail_dsc)
+    """The best source per subject by its foreground verdict score (:func:`nnqc_pipe.qc.decisions.select_sources`;
+    the table's ``predicted_dsc`` is that score)."""
+    selection = select_sources(subjects.assign(**{f"{PREDICTED}_dsc": subjects["verdict_score"]}), FOREGROUND,
+                               use_pgt_when_all_fail=use_pgt_when_all_fail, fail_dsc=fail_dsc)
     return _typed(selection, SELECTION_SCHEMA)
 
 
@@ -491,6 +529,7 @@ def write_report(
     use_pgt_when_all_fail: bool = False,
     review_slices_per_subject: int = 5,
     agreement: pd.DataFrame | None = None,
+    verdict_score: str = "nnqc",
 ) -> dict[str, pd.DataFrame]:
     """Build the report tables from the scores files and write them to ``out_dir``.
 
@@ -500,7 +539,8 @@ def write_report(
     plus ``cohort``, ``qc_pass_dsc`` and the verdict thresholds; ``ranking.parquet`` also holds ``kendall_tau``,
     ``ranking_metric`` and ``ranking_label``; ``selection.parquet`` the real DSC of the selection against the best
     single source and an oracle (where ground truth exists). ``ood_inputs`` (ingestion records by subject, training
-    fingerprint) flags the candidates outside the training range (:func:`nnqc_pipe.qc.ood.ood_table`). Returns the
+    fingerprint) flags the candidates outside the training range (:func:`nnqc_pipe.qc.ood.ood_table`);
+    ``verdict_score`` (:data:`VERDICT_SCORES`) is the score the verdicts and the selection act on. Returns the
     tables by name.
     """
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
@@ -514,15 +554,15 @@ def write_report(
     if ood_inputs is not None:
         records, fingerprint = ood_inputs
         ood = ood_table(dict(records), fingerprint, scores[scores["level"] == "volume"])
-    subjects = build_subjects(scores, qc_pass_dsc, thresholds, ood)
-    subjects, calibration = add_predictors(subjects, agreement)
+    subjects, fits = add_predictors(subject_rows(scores, ood), agreement)
+    subjects = apply_verdicts(subjects, qc_pass_dsc, thresholds, verdict_score)
     tables = {"subjects": subjects, "slices": build_slices(scores)}
     tables["summary"] = build_summary(tables["subjects"], thresholds.fail_dsc)
     tables["ranking"] = build_ranking(tables["subjects"], ranking_metric, ranking_label)
     tables["selection"] = build_selection(tables["subjects"], use_pgt_when_all_fail, thresholds.fail_dsc)
     tables["review"] = review_slices(tables["slices"], tables["subjects"], review_slices_per_subject)
     common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc, "verdict_thresholds": asdict(thresholds),
-              "calibration": calibration}
+              "verdict_score": {"score": verdict_score, "column": VERDICT_SCORES[verdict_score]}, **fits}
     tau = _single_tau(tables["ranking"])
     extra_meta = {
         "ranking": {"kendall_tau": tau, "ranking_metric": ranking_metric, "ranking_label": ranking_label},

@@ -16,6 +16,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "preprocess": ("preprocess",),
     "degrade": ("degrade", "degrade_manifest"),
     "models": ("embed", "import_model", "train_vae", "train_ldm"),
+    "learned": ("train_segmenter", "learned_candidates", "train_qcnet"),
     "infer": ("infer",),
     "score": ("score",),
     "report": ("report",),

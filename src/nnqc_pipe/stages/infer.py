@@ -20,7 +20,8 @@ def subject_seed(seed: int, subject: str) -> int:
 
 def infer(tasks: dict[str, list[str]], npz: str, embeddings: str | None, candidates: dict[str, str],
           model_dir: PathLike, inference: dict[str, Any], out_pgt: str, out_slices: str, out_errors: str | None,
-          record: PathLike, device: str = "auto", seed: int = 0) -> None:
+          record: PathLike, device: str = "auto", seed: int = 0, qcnet: str | None = None,
+          out_learned: str | None = None) -> None:
     """pGTs of a chunk's candidates on their original grids, with per-slice facts and error maps.
 
     The VAE and LDM are loaded once; the subjects run one after the other, each subject's sources together (its
@@ -39,12 +40,19 @@ def infer(tasks: dict[str, list[str]], npz: str, embeddings: str | None, candida
         record: the chunk record to write.
         device: auto, cpu or cuda.
         seed: sampling seed.
+        qcnet: the learned opinion's qcnet.pt ('none': off).
+        out_learned: the learned estimated-truth path pattern with {source} and {subject} ('none': off).
     """
     from nnqc_pipe.data.preprocess import Preprocessed, load_preprocessed
     from nnqc_pipe.models.pgt import load_models
     from nnqc_pipe.qc.infer import infer_subject, save_inference
 
     models = load_models(model_dir, device)
+    learned = None
+    if qcnet:
+        from nnqc_pipe.models.qcnet import load_qcnet
+
+        learned = load_qcnet(qcnet, device, int(inference["batch_size"]))
 
     @lru_cache(maxsize=1)
     def preprocessed(subject: str) -> Preprocessed:
@@ -55,12 +63,14 @@ def infer(tasks: dict[str, list[str]], npz: str, embeddings: str | None, candida
         pgt, slices = fill(out_pgt, source=source, subject=subject), fill(out_slices, source=source, subject=subject)
         errors = fill(out_errors, source=source, subject=subject) if out_errors else None
         pre = preprocessed(subject)
+        estimated = fill(out_learned, source=source, subject=subject) if learned and out_learned else None
         result = infer_subject(models, pre, fill(candidates[source], subject=subject),
                                fill(embeddings, subject=subject) if embeddings else None, inference,
-                               subject_seed(seed, subject))
-        save_inference(result, pre.record, pgt, slices, errors)
+                               subject_seed(seed, subject), learned)
+        save_inference(result, pre.record, pgt, slices, errors, estimated)
         log.info("%s/%s: pGT of %d slices written to %s", source, subject, len(result.slices), pgt)
         rows = [record_row(subject, "pgt", pgt, source), record_row(subject, "slices", slices, source)]
+        rows += [record_row(subject, "learned", estimated, source)] if estimated else []
         return rows + ([record_row(subject, "errors", errors, source)] if errors else [])
 
     write_chunk_record(run_chunk(task_list(tasks), work, describe_task(candidates), "infer"), record)

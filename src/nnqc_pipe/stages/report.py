@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from nnqc_pipe import __version__
 from nnqc_pipe.chunks import fill, read_chunk_records
 from nnqc_pipe.data.io import PathLike, file_sha256, read_json, write_parquet
@@ -25,7 +27,8 @@ def verdict_thresholds(report_cfg: dict[str, Any]) -> VerdictThresholds:
 
 def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, settings: dict[str, Any],
            config_digest: str, model_dir: PathLike, plan_json: PathLike, fingerprint_json: PathLike, inspect: str,
-           candidates: dict[str, str], pgt: str, selected: str, figures_dir: PathLike, results_dir: PathLike) -> None:
+           candidates: dict[str, str], pgt: str, selected: str, figures_dir: PathLike, results_dir: PathLike,
+           learned: str | None = None) -> None:
     """The report tables and decisions (with provenance metadata) and the figures of the HTML report.
 
     Args:
@@ -44,13 +47,15 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
         selected: path pattern with {subject} of the selected mask per subject.
         figures_dir: folder of the figures.
         results_dir: the cohort's results folder (overlays read pGTs and preprocessed stacks there).
+        learned: the learned opinion's estimated-truth path pattern with {source} and {subject} ('none': off).
     """
     models = Path(model_dir)
     card = read_json(models / "model_card.json")
     metadata = {
         "pipeline_version": __version__,
         "config_hash": config_digest,
-        "checkpoints": {name: file_sha256(models / name) for name in ("vae.pt", "ldm.pt")},
+        "checkpoints": {name: file_sha256(models / name) for name in ("vae.pt", "ldm.pt", "qcnet.pt")
+                        if name != "qcnet.pt" or learned},
         "model_card": card,
         "qc_model_from": card.get("qc_model"),
     }
@@ -64,8 +69,12 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
                           thresholds=thresholds,
                           use_pgt_when_all_fail=settings["selection"]["use_pgt_when_all_fail"],
                           review_slices_per_subject=settings["review_slices_per_subject"], agreement=agreement,
-                          ood_inputs=(inspect_records, read_json(fingerprint_json)))
+                          ood_inputs=(inspect_records, read_json(fingerprint_json)),
+                          verdict_score=settings["verdict_score"])
     regions = error_region_table(tables["subjects"], candidates, pgt, plan_.slicing_axis)
+    if learned:
+        regions = pd.concat([regions, error_region_table(tables["subjects"], candidates, learned, plan_.slicing_axis,
+                                                         opinion="learned")], ignore_index=True)
     write_parquet(regions, Path(out_dir) / "error_regions.parquet", metadata)
     write_selected_masks(tables["selection"], candidates, pgt, selected)
     write_figures(tables, Path(figures_dir), Path(results_dir), candidates, settings, thresholds)

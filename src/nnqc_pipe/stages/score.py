@@ -15,18 +15,20 @@ from nnqc_pipe.qc.score import score_subject
 
 
 def score_one(cohort: str, source: str, subject: str, npz: PathLike, label_names: list[str], candidate: PathLike,
-              pgt: PathLike, gt: PathLike | None, slices: PathLike, tolerance_mm: float, out: PathLike) -> None:
-    """Predicted (vs pGT) and real (vs GT) metrics of one candidate, per volume and slice."""
+              pgt: PathLike, gt: PathLike | None, slices: PathLike, tolerance_mm: float, out: PathLike,
+              learned: PathLike | None = None) -> None:
+    """Predicted (vs pGT), learned and real (vs GT) metrics of one candidate, per volume and slice."""
     with np.load(npz) as data:
         record = json.loads(str(data["record"]))
     names = dict(zip(record["label_values"], label_names, strict=True))
     table = score_subject(cohort, source, subject, candidate, pgt, gt, pd.read_parquet(slices), record, names,
-                          tolerance_mm)
+                          tolerance_mm, learned)
     write_parquet(table, out)
 
 
 def score(cohort: str, tasks: dict[str, list[str]], npz: str, plan_json: PathLike, candidates: dict[str, str],
-          pgt: str, gt: str | None, slices: str, tolerance_mm: float, out: str, record: PathLike) -> None:
+          pgt: str, gt: str | None, slices: str, tolerance_mm: float, out: str, record: PathLike,
+          learned: str | None = None) -> None:
     """Scores of a chunk's candidates on their original grids, in mm.
 
     Args:
@@ -41,6 +43,7 @@ def score(cohort: str, tasks: dict[str, list[str]], npz: str, plan_json: PathLik
         tolerance_mm: tolerance of the normalised surface Dice.
         out: scores path pattern with {source} and {subject}.
         record: the chunk record to write.
+        learned: the learned opinion's estimated-truth path pattern with {source} and {subject} ('none': off).
     """
     label_names = list(read_plan(plan_json).label_names)
 
@@ -50,7 +53,7 @@ def score(cohort: str, tasks: dict[str, list[str]], npz: str, plan_json: PathLik
         score_one(cohort, source, subject, fill(npz, subject=subject), label_names,
                   fill(candidates[source], subject=subject), fill(pgt, source=source, subject=subject),
                   fill(gt, subject=subject) if gt else None, fill(slices, source=source, subject=subject),
-                  tolerance_mm, path)
+                  tolerance_mm, path, fill(learned, source=source, subject=subject) if learned else None)
         return [record_row(subject, "scores", path, source)]
 
     write_chunk_record(run_chunk(task_list(tasks), work, describe_task(candidates), "score"), record)
