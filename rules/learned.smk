@@ -42,7 +42,9 @@ if LEARNED and not QC_MODEL_SOURCE:
             split_tsv=SPLIT_TSV,
             plan=f"{OUT}/plan.json",
             preprocessed=lambda w: chunk_records("preprocess", fold_members(w.fold)),
-            labels=lambda w: [fill(PATTERNS["label"], subject=s) for s in fold_members(w.fold)],
+            labels=lambda w: [
+                fill(PATTERNS["label"], subject=s) for s in fold_members(w.fold)
+            ],
             sources=lambda w: fold_sources(w.fold),
         output:
             f"{CHUNKS_DIR}/learned_candidates/fold{{fold}}.tsv",
