@@ -289,6 +289,39 @@ def test_report_schema_independent_of_gt(tmp_path: Path) -> None:
         assert schemas[0].remove_metadata() == schemas[1].remove_metadata(), table
 
 
+def _with_learned(scores: pd.DataFrame, wrong_source: str) -> pd.DataFrame:
+    """Scores whose learned DSC is the real DSC, except ``wrong_source``'s, which the learned opinion calls 0.2."""
+    out = scores.copy()
+    out["learned_dsc"] = np.where(out["source"] == wrong_source, 0.2, out["real_dsc"])
+    return out
+
+
+def test_verdict_score_chooses_the_opinion_the_verdicts_act_on(tmp_path: Path) -> None:
+    scores = _with_learned(_scores(noise=0.0), wrong_source="user_model")
+    paths = _write_scores(scores, tmp_path)
+    by_score = {}
+    for score in ("nnqc", "learned", "combined"):
+        tables = write_report(paths, tmp_path / score, COHORT, 0.8, METADATA, verdict_score=score)
+        subjects = tables["subjects"].set_index(["source", "subject", "label"])
+        by_score[score] = subjects
+        meta = read_parquet_metadata(tmp_path / score / "subjects.parquet")
+        assert meta["verdict_score"]["score"] == score and meta["combined"]["foreground"]["fitted"]
+    key = ("user_model", "sub00", FOREGROUND)
+    assert by_score["nnqc"].loc[key, "verdict_score"] == pytest.approx(0.9)
+    assert by_score["nnqc"].loc[key, "verdict"] != "FAIL"
+    assert by_score["learned"].loc[key, "verdict_score"] == pytest.approx(0.2)
+    assert by_score["learned"].loc[key, "verdict"] == "FAIL"
+    # The combined score is fitted out of fold on the labelled rows: between the two opinions for this source.
+    assert 0.2 <= by_score["combined"].loc[key, "combined_dsc"] <= 0.95
+    np.testing.assert_allclose(by_score["combined"]["verdict_score"], by_score["combined"]["combined_dsc"])
+
+
+def test_verdict_score_without_its_values_is_refused(tmp_path: Path) -> None:
+    paths = _write_scores(_scores(n_subjects=2), tmp_path)
+    with pytest.raises(ValueError, match="no learned_dsc values"):
+        write_report(paths, tmp_path / "report", COHORT, 0.5, METADATA, verdict_score="learned")
+
+
 def test_write_report_rejects_other_cohort(tmp_path: Path) -> None:
     paths = _write_scores(_scores(n_subjects=1), tmp_path)
     with pytest.raises(ValueError, match="other cohorts"):
