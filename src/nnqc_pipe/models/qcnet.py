@@ -38,6 +38,7 @@ from nnqc_pipe.models.training import RunState, fit, load_state, progress, read_
 log = logging.getLogger(__name__)
 
 DSC_BINS = 10
+QCNET = "qcnet.pt"
 
 
 def error_targets(candidate: torch.Tensor, label: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 The plan is read from ``--plan`` or from the cohort folder of ``--model-dir`` (``<results>/<cohort>/plan.json``);
 the image is preprocessed with it, embedded with the model's own vision expert when the conditioning uses the
-image, the pGT sampled, mapped back to the image grid and compared with the mask.
+image, the pGT sampled, mapped back to the image grid and compared with the mask. When the model folder holds the
+learned opinion (``qcnet.pt``), its ``learned_dsc`` and ``learned_nsd`` are reported beside nnQC's scores.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from nnqc_pipe.data.io import read_json
 from nnqc_pipe.data.preprocess import indices_to_values, preprocess_subject, save_preprocessed, spacing_from_record
 from nnqc_pipe.models.embed import embed_subject
 from nnqc_pipe.models.pgt import load_models
+from nnqc_pipe.models.qcnet import QCNET, load_qcnet
 from nnqc_pipe.qc.infer import infer_subject, save_inference
+from nnqc_pipe.qc.learned import LEARNED_DSC, LEARNED_NSD, learned_dice, learned_scores
 from nnqc_pipe.qc.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ def check_case(image: str | os.PathLike, mask: str | os.PathLike, model_dir: str
     plan_ = find_plan(model_dir, plan)
     subject = Path(image).name.split(".")[0]
     models = load_models(model_dir, device)
+    learned = load_qcnet(Path(model_dir) / QCNET, device) if (Path(model_dir) / QCNET).is_file() else None
     pre = preprocess_subject(subject, image, None, plan_)
     steps = ddim_steps or int(models.cfg["inference"]["ddim_steps"])
     inference = {"ddim_steps": steps, "samples": samples, "batch_size": 64, "start_strength": start_strength,
@@ -55,13 +59,20 @@ def check_case(image: str | os.PathLike, mask: str | os.PathLike, model_dir: str
             save_preprocessed(pre, npz)
             embeddings = Path(tmp) / "embeddings.npz"
             embed_subject(npz, embeddings, models.cfg["encoder"], device)
-        result = infer_subject(models, pre, mask, embeddings, inference, seed)
+        result = infer_subject(models, pre, mask, embeddings, inference, seed, learned)
     if out:
         save_inference(result, pre.record, out, Path(out).with_suffix("").with_suffix(".slices.parquet"), None)
     names = dict(zip(plan_["label_values"], plan_["label_names"], strict=True))
     pgt = indices_to_values(result.pgt, plan_["label_values"])
-    rows = compute_metrics(result.candidate, pgt, spacing_from_record(pre.record), names, tolerance_mm)
-    return pd.DataFrame(rows)
+    spacing = spacing_from_record(pre.record)
+    table = pd.DataFrame(compute_metrics(result.candidate, pgt, spacing, names, tolerance_mm))
+    if result.estimated is not None:
+        estimated = indices_to_values(result.estimated, plan_["label_values"])
+        scores = learned_scores(learned_dice(result.slices, names, plan_["label_values"]),
+                                compute_metrics(result.candidate, estimated, spacing, names, tolerance_mm))
+        for column, values in scores.items():
+            table[column] = [values.get((label, None), float("nan")) for label in table["label"]]
+    return table
 
 
 def check(image: str, mask: str, model_dir: str, out: str | None, plan: str | None, ddim_steps: int | None,
@@ -70,4 +81,8 @@ def check(image: str, mask: str, model_dir: str, out: str | None, plan: str | No
     table = check_case(image, mask, model_dir, out, plan, ddim_steps, samples, device, seed,
                        start_strength=start_strength, image_guidance=image_guidance)
     columns = ["label", "dsc", "hd95_mm", "nsd", "iou", "ravd"]
-    print(table[columns].rename(columns=lambda c: c if c == "label" else f"predicted_{c}").to_string(index=False))
+    shown = table[columns].rename(columns=lambda c: c if c == "label" else f"predicted_{c}")
+    for column in (LEARNED_DSC, LEARNED_NSD):
+        if column in table:
+            shown[column] = table[column]
+    print(shown.to_string(index=False))
