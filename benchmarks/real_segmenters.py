@@ -68,12 +68,21 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import ndimage, stats
 
 from nnqc_pipe.chunks import fill
 from nnqc_pipe.config import discover_subjects, label_map
 from nnqc_pipe.data.io import read_json, read_parquet_metadata, write_json, write_nifti
+from nnqc_pipe.qc.decisions import VerdictThresholds
 from nnqc_pipe.qc.metrics import FOREGROUND, dice
-from nnqc_pipe.report.tables import ALL_DEGRADED, ALL_SOURCES, EXTRA_PREDICTORS, build_summary
+from nnqc_pipe.report.tables import (
+    ALL_DEGRADED,
+    ALL_SOURCES,
+    EXTRA_PREDICTORS,
+    VERDICT_SCORES,
+    apply_verdicts,
+    build_summary,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import _fmt, _num, derive_config, merge, parse_sets, ranking_summary, run_snakemake  # noqa: E402
@@ -85,12 +94,16 @@ DEGRADED_PREFIX = "degraded_"
 PREDICTED, REAL = "predicted_dsc", "real_dsc"
 # The predictors of the real DSC shown side by side: summary metric name -> subjects column.
 PREDICTORS = {"dsc": PREDICTED, **EXTRA_PREDICTORS}
+# The learned opinion and its fusion with nnQC (issue 17's targets apply to them).
+OPINIONS = ("learned_dsc", "combined_dsc")
 PREDICTOR_TITLES = {"dsc": "nnQC", "calibrated_dsc": "calibrated", "agreement_dsc": "agreement",
-                    "vae_recon_dsc": "VAE reconstruction", "learned_dsc": "learned", "combined_dsc": "combined"}
+                    "vae_recon_dsc": "VAE reconstruction", "learned_dsc": "learned", "combined_dsc": "combined",
+                    "hd95_mm": "nnQC"}
 STATS = ("pearson_r", "mae", "bias", "failure_auc", "accuracy")
 VERDICTS = ("PASS", "REVIEW", "FAIL")
 REAL_CLASSES = (">=0.8", "0.7-0.8", "<0.7")
 UNSEEN_FAMILY = "atlas"  # never a training candidate of the learned opinion
+ERROR_REGION_MIN_VOXELS = 10  # error regions counted for detection: at least this many voxels (hippocampus: mm³)
 WORSE_THAN = 0.95  # gt must be predicted above every source whose real DSC is below this
 TARGETS = {  # name -> (comparison, target, what)
     "gt_mean_predicted": (">=", 0.95, "gt mean predicted DSC"),
@@ -101,6 +114,15 @@ TARGETS = {  # name -> (comparison, target, what)
     "real_failure_auc": (">=", 0.98, "real models: failure AUC (real DSC < 0.7)"),
     "within_best_r": (">=", 0.80, "best real model: within-source Pearson r"),
     "within_best_over_baselines": (">", 0.0, "best real model: r minus the best baseline's r"),
+    "within_best_over_next_best": (">", 0.0, "best real model: r minus r of the DSC against the next-best model"),
+    "unseen_family_mae": ("<=", 0.05, f"unseen segmenter family ({'atlas'}): MAE"),
+    "good_masks_flagged": ("<=", 0.05, "real models, real DSC >= 0.8: share sent to REVIEW or FAIL"),
+    "failures_flagged": (">=", 0.95, "real models, real DSC < 0.7: share sent to REVIEW or FAIL"),
+    "gt_mean_predicted_learned": (">=", 0.93, "gt mean score (issue 17 target)"),
+    "gt_above_worse_learned": (">=", 0.90, "gt above every source with real DSC < 0.95 (issue 17 target)"),
+    "source_tau": (">=", 0.95, "Kendall tau of the sources ranked by the score's mean"),
+    "error_region_recall": (">=", 0.8, "error regions: recall"),
+    "error_region_precision": (">=", 0.6, "error regions: precision"),
     "degraded_dsc_r": (">=", 0.98, "degraded: DSC Pearson r"),
     "degraded_dsc_mae": ("<=", 0.05, "degraded: DSC MAE"),
     "degraded_hd95_r": (">=", 0.98, "degraded: HD95 Pearson r"),
@@ -510,13 +532,28 @@ def target_checks(table: pd.DataFrame, result: dict[str, Any]) -> list[dict[str,
         ("gt_above_worse", "dsc", result["gt"]["dsc"]["above_worse"]),
         ("kendall_tau", "dsc", result["ranking"]["kendall_tau"]),
     ]
-    for metric in ("dsc", "calibrated_dsc"):
+    for metric in (m for m in ("dsc", "calibrated_dsc", *OPINIONS) if m in result["pairwise"]):
         values += [
             ("pairwise", metric, result["pairwise"][metric]["accuracy"]),
             ("real_mae", metric, _cell(table, ALL_REAL, metric, "mae")),
             ("real_failure_auc", metric, _cell(table, ALL_REAL, metric, "failure_auc")),
             ("within_best_r", metric, best["r"].get(metric)),
+            ("unseen_family_mae", metric, _cell(table, UNSEEN_FAMILY, metric, "mae")),
+            ("source_tau", metric, result["source_tau"].get(metric)),
         ]
+        if metric in result["review_shares"]:
+            shares = result["review_shares"][metric]
+            values += [("good_masks_flagged", metric, shares["good_flagged"]),
+                       ("failures_flagged", metric, shares["failures_flagged"])]
+        if metric in OPINIONS and metric in result["gt"]:
+            values += [("gt_mean_predicted_learned", metric, result["gt"][metric]["mean"]),
+                       ("gt_above_worse_learned", metric, result["gt"][metric]["above_worse"])]
+        next_best = best.get("next_best_r")
+        if next_best is not None and best["r"].get(metric) is not None:
+            values.append(("within_best_over_next_best", metric, best["r"][metric] - next_best))
+    for opinion, regions in (result.get("error_maps") or {}).items():
+        values += [("error_region_recall", opinion, regions["region_recall"]),
+                   ("error_region_precision", opinion, regions["region_precision"])]
     base = [best["r"].get(b) for b in baselines()]
     base = [r for r in base if r is not None and not math.isnan(r)]
     nnqc_r = best["r"].get("dsc")
@@ -531,9 +568,90 @@ def target_checks(table: pd.DataFrame, result: dict[str, Any]) -> list[dict[str,
     for name, metric, value in values:
         op, target, what = TARGETS[name]
         value = None if value is None or math.isnan(value) else float(value)
-        checks.append({"name": name, "predictor": PREDICTOR_TITLES.get(metric, "nnQC"), "figure": what,
+        checks.append({"name": name, "predictor": PREDICTOR_TITLES.get(metric, metric), "figure": what,
                        "value": value, "target": f"{op} {target:g}", "verdict": judge(name, value)})
     return checks
+
+
+def source_tau(subjects: pd.DataFrame, column: str) -> float:
+    """Kendall tau between the sources ranked by their mean ``column`` and by their mean real DSC."""
+    means = foreground(subjects).groupby("source")[[column, REAL]].mean().dropna()
+    if len(means) < 2 or means[column].nunique() < 2:
+        return math.nan
+    return float(stats.kendalltau(means[column], means[REAL]).statistic)
+
+
+def review_shares(subjects: pd.DataFrame, meta: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per verdict score the report can act on: the share of real models' masks of real DSC >= ``pass_dsc`` sent
+    to REVIEW or FAIL, and of those of real DSC < ``fail_dsc`` (the report's own verdict rule, its thresholds)."""
+    thresholds = VerdictThresholds(**(meta.get("verdict_thresholds") or {}))
+    rows = subjects[subjects["source"].map(is_real)]
+    out = {}
+    for name, column in VERDICT_SCORES.items():
+        if column not in rows or rows[column].isna().all():
+            continue
+        decided = apply_verdicts(rows, thresholds.pass_dsc, thresholds, name)
+        fg = foreground(decided)
+        flagged = fg["verdict"].isin(["REVIEW", "FAIL"])
+        good, bad = fg[REAL] >= thresholds.pass_dsc, fg[REAL] < thresholds.fail_dsc
+        metric = next(m for m, c in PREDICTORS.items() if c == column)
+        out[metric] = {"good_flagged": float(flagged[good].mean()) if good.any() else math.nan,
+                       "failures_flagged": float(flagged[bad].mean()) if bad.any() else math.nan,
+                       "n_good": int(good.sum()), "n_failures": int(bad.sum())}
+    return out
+
+
+def next_best_agreement(subjects: pd.DataFrame, candidates: dict[str, str], best: str) -> dict[str, Any]:
+    """Within the best real model: Pearson r of the real DSC with the DSC of its mask against the next-best real
+    model's mask of the same subject (the single-source agreement baseline, the stronger one on held-out data)."""
+    rows = foreground(subjects)
+    means = rows[rows["source"].map(is_real)].groupby("source")[REAL].mean().sort_values(ascending=False)
+    if best not in means.index or len(means) < 2:
+        return {"next_best": None, "r": math.nan}
+    other = next(s for s in means.index if s != best)
+    own = rows[rows["source"] == best]
+    agreement = [dice(nib.load(fill(candidates[best], subject=s)).get_fdata() > 0,
+                      nib.load(fill(candidates[other], subject=s)).get_fdata() > 0) for s in own["subject"]]
+    r = stats.pearsonr(agreement, own[REAL]).statistic if len(own) > 2 else math.nan
+    return {"next_best": other, "r": float(r)}
+
+
+def error_map_scores(subjects: pd.DataFrame, candidates: dict[str, str], gt: str, references: dict[str, str],
+                     min_voxels: int) -> dict[str, dict[str, float]]:
+    """Per opinion (reference path pattern with {source} and {subject}: the pGT, the learned estimated truth), over
+    the real models' masks of the labelled subjects: the voxel Dice of the predicted error map (candidate XOR
+    reference, foreground) with the real one (candidate XOR truth), and the detection of real error regions
+    (connected components of at least ``min_voxels``): recall = real regions touched by a predicted error voxel,
+    precision = predicted regions (same size rule) touching a real error voxel."""
+    rows = foreground(subjects)
+    rows = rows[rows["source"].map(is_real)]
+    structure = ndimage.generate_binary_structure(3, 3)
+    out = {}
+    for opinion, pattern in references.items():
+        dices, hit, n_real, true_pred, n_pred = [], 0, 0, 0, 0
+        for row in rows.itertuples(index=False):
+            reference = fill(fill(pattern, source=row.source), subject=row.subject)
+            if not Path(reference).is_file():
+                continue
+            cand = nib.load(fill(candidates[row.source], subject=row.subject)).get_fdata() > 0
+            truth = nib.load(fill(gt, subject=row.subject)).get_fdata() > 0
+            real_err, pred_err = cand ^ truth, cand ^ (nib.load(reference).get_fdata() > 0)
+            dices.append(dice(pred_err, real_err))
+            for errors, other, is_real_side in ((real_err, pred_err, True), (pred_err, real_err, False)):
+                labels, n = ndimage.label(errors, structure=structure)
+                sizes = np.bincount(labels.ravel(), minlength=n + 1)
+                touched = np.bincount(labels[other].ravel(), minlength=n + 1) > 0
+                big = np.flatnonzero(sizes[1:] >= min_voxels) + 1
+                if is_real_side:
+                    n_real, hit = n_real + big.size, hit + int(touched[big].sum())
+                else:
+                    n_pred, true_pred = n_pred + big.size, true_pred + int(touched[big].sum())
+        if dices:
+            out[opinion] = {"voxel_dice": float(np.mean(dices)), "n_candidates": len(dices),
+                            "min_voxels": min_voxels, "n_real_regions": n_real, "n_predicted_regions": n_pred,
+                            "region_recall": hit / n_real if n_real else math.nan,
+                            "region_precision": true_pred / n_pred if n_pred else math.nan}
+    return out
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -542,8 +660,9 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
             for row in df.astype(object).where(df.notna(), None).to_dict("records")]
 
 
-def summarise(report_dir: Path) -> dict[str, Any]:
-    """Everything the benchmark prints, from the report tables, as one JSON-safe dict."""
+def summarise(report_dir: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the benchmark prints, from the report tables, as one JSON-safe dict; with the run's ``config``
+    also the next-best-model agreement baseline and the error maps against the real ones (they read masks)."""
     subjects = pd.read_parquet(report_dir / "subjects.parquet")
     meta = read_parquet_metadata(report_dir / "subjects.parquet")
     fail_dsc = float((meta.get("verdict_thresholds") or {}).get("fail_dsc", 0.7))
@@ -563,12 +682,23 @@ def summarise(report_dir: Path) -> dict[str, Any]:
         "pairwise": {m: pairwise_accuracy(subjects, c) for m, c in columns.items()},
         "within_best_model": {"source": best, "r": {m: _num(_cell(within, best, m, "pearson_r"))
                                                     for m in PREDICTORS}},
-        "gt": {m: gt_separation(subjects, c) for m, c in columns.items() if m in ("dsc", "calibrated_dsc")},
+        "gt": {m: gt_separation(subjects, c) for m, c in columns.items()
+               if m in ("dsc", "calibrated_dsc", *OPINIONS)},
+        "source_tau": {m: source_tau(subjects, c) for m, c in columns.items()},
+        "review_shares": review_shares(subjects, meta),
         "verdicts": {"all": verdict_confusion(subjects),
                      ALL_REAL: verdict_confusion(subjects[subjects["source"].map(is_real)])},
         "selection": read_parquet_metadata(report_dir / "selection.parquet").get("selection_summary"),
         "degraded_hd95": {k: _num(_cell(table, ALL_DEGRADED, "hd95_mm", k)) for k in ("pearson_r", "mae")},
     }
+    if config is not None and best:
+        out = report_dir.parent
+        next_best = next_best_agreement(subjects, config["sources"], best)
+        result["within_best_model"].update(next_best=next_best["next_best"], next_best_r=_num(next_best["r"]))
+        references = {"nnqc": str(out / "pgt" / "{source}" / "{subject}.nii.gz"),
+                      "learned": str(out / "learned" / "estimated" / "{source}" / "{subject}.nii.gz")}
+        result["error_maps"] = error_map_scores(subjects, config["sources"], config["labels"], references,
+                                                ERROR_REGION_MIN_VOXELS)
     result["targets"] = target_checks(table, result)
     return result
 
@@ -607,7 +737,20 @@ def format_report(result: dict[str, Any], segmenters: dict[str, Any] | None) -> 
         for m, p in result["pairwise"].items())]
     best = result["within_best_model"]
     lines.append(f"Within the best real model ({best['source']}), Pearson r: " + ", ".join(
-        f"{PREDICTOR_TITLES.get(m, m)} {_fmt(r)}" for m, r in best["r"].items()))
+        f"{PREDICTOR_TITLES.get(m, m)} {_fmt(r)}" for m, r in best["r"].items())
+        + (f", DSC against the next-best model ({best['next_best']}) {_fmt(best['next_best_r'])}"
+           if best.get("next_best") else ""))
+    lines.append("Kendall tau of the sources ranked by each score: " + ", ".join(
+        f"{PREDICTOR_TITLES.get(m, m)} {_fmt(t)}" for m, t in result["source_tau"].items()))
+    for m, share in result["review_shares"].items():
+        lines.append(f"verdicts on {PREDICTOR_TITLES.get(m, m)}: real-model masks sent to REVIEW/FAIL: "
+                     f"{_fmt(share['good_flagged'])} of {share['n_good']} with real DSC >= pass, "
+                     f"{_fmt(share['failures_flagged'])} of {share['n_failures']} with real DSC < fail")
+    for opinion, e in (result.get("error_maps") or {}).items():
+        lines.append(f"error maps ({opinion}) vs real, real models' masks: voxel Dice {_fmt(e['voxel_dice'])}; "
+                     f"regions >= {e['min_voxels']} voxels: recall {_fmt(e['region_recall'])} "
+                     f"({e['n_real_regions']} real), precision {_fmt(e['region_precision'])} "
+                     f"({e['n_predicted_regions']} predicted)")
     for m, g in result["gt"].items():
         lines.append(f"gt ({PREDICTOR_TITLES.get(m, m)}): mean {_fmt(g['mean'])}; above every source with real DSC "
                      f"< {WORSE_THAN} in {_fmt(g['above_worse'])} of {g['n_subjects']} subjects")
@@ -685,7 +828,8 @@ def main() -> int:
     if not (report_dir / "subjects.parquet").is_file():
         print(f"no report at {report_dir}", file=sys.stderr)
         return 1
-    result = summarise(report_dir)
+    config_path = results / f"benchmark_real_{name}.yaml"
+    result = summarise(report_dir, yaml.safe_load(config_path.read_text()) if config_path.is_file() else None)
     result["run"] = {"cohort": args.cohort, "quick": args.quick, "skip_run": args.skip_run, "cores": args.cores,
                      "test_fraction": args.test_fraction, "seed": args.seed, "sets": args.sets, **timing,
                      "load_average": os.getloadavg()[0]}

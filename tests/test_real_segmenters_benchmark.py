@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -53,7 +55,7 @@ def subjects_table(n_subjects: int = 6) -> pd.DataFrame:
                              "predicted_dsc": predicted, "real_dsc": real, "calibrated_dsc": real + offset / 2,
                              "baseline_agreement_dsc": 0.9 - 0.1 * abs(real - 0.8) if label == "foreground" else 0.0,
                              "baseline_vae_recon_dsc": 0.95 - 0.2 * (1 - real),
-                             "verdict": verdict_of(predicted)})
+                             "verdict": verdict_of(predicted), "n_slices": 4})
     return pd.DataFrame(rows)
 
 
@@ -173,3 +175,38 @@ def test_summarise_and_targets_on_a_written_report(tmp_path):
     text = rs.format_report(result, {"real_dsc": {"unet_good": 0.855}, "seconds": {"unet": 12.0}})
     assert "all_real" in text and "Kendall tau = 1.000" in text and "unet_good 0.855" in text
     assert "MISS" in text or "PASS" in text
+
+
+def test_source_tau_and_review_shares_use_the_reports_rules():
+    table = subjects_table()
+    assert rs.source_tau(table, "predicted_dsc") == pytest.approx(1.0)
+    shares = rs.review_shares(table, {"verdict_thresholds": {"pass_dsc": 0.8, "fail_dsc": 0.7}})
+    nnqc = shares["dsc"]
+    # real models: unet_good 0.74..0.84, unet_bad 0.30..0.55 and atlas 0.60..0.70
+    assert nnqc["n_failures"] == 11 and nnqc["failures_flagged"] == 1.0  # atlas s5 is exactly 0.70
+    assert nnqc["n_good"] in (2, 3) and 0.0 <= nnqc["good_flagged"] <= 1.0
+    assert "learned_dsc" not in shares  # no learned column in this table
+
+
+def test_error_map_scores_against_hand_made_masks(tmp_path):
+    def save(path, array):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array.astype(np.uint8), np.eye(4)), path)
+
+    truth = np.zeros((12, 12, 12), np.uint8)
+    truth[2:8, 2:8, 2:8] = 1
+    cand = truth.copy()
+    cand[2:4, 2:8, 2:8] = 0          # a missed slab of 72 voxels (a real error region)
+    reference = truth.copy()
+    reference[9:11, 9:11, 9:11] = 1  # the reference also invents an 8-voxel region (too small to count at 10)
+    save(tmp_path / "gt" / "s0.nii.gz", truth)
+    save(tmp_path / "unet_good" / "s0.nii.gz", cand)
+    save(tmp_path / "ref" / "unet_good" / "s0.nii.gz", reference)
+    rows = pd.DataFrame({"source": ["unet_good"], "subject": ["s0"], "label": ["foreground"], "real_dsc": [0.8]})
+    scores = rs.error_map_scores(rows, {"unet_good": str(tmp_path / "unet_good" / "{subject}.nii.gz")},
+                                 str(tmp_path / "gt" / "{subject}.nii.gz"),
+                                 {"learned": str(tmp_path / "ref" / "{source}" / "{subject}.nii.gz")}, 10)
+    learned = scores["learned"]
+    assert learned["region_recall"] == 1.0 and learned["n_real_regions"] == 1
+    assert learned["region_precision"] == 1.0 and learned["n_predicted_regions"] == 1
+    assert learned["voxel_dice"] == pytest.approx(2 * 72 / (72 + 80))
