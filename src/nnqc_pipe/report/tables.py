@@ -192,11 +192,33 @@ def ranking_schema(metric: str = "dsc") -> dict[str, str]:
     }
 
 
+# The only columns a table builder may leave out; _typed fills them with nulls (False for flags). The ground-truth
+# side (``real_*``, ``gt_voxels``) exists only for labelled subjects, the domain-shift flag only with a training
+# fingerprint, the predictors of :func:`add_predictors` only after it ran, the failure detection only on DSC rows.
+NULLABLE_COLUMNS = frozenset({"gt_voxels", "flag_out_of_distribution", "ood_reason", CALIBRATED_COLUMN,
+                              AGREEMENT_COLUMN, *FAILURE_COLUMNS})
+# A column that only one table has names that table in the error of _typed.
+_TABLE_MARKERS = (("verdict", "subjects"), ("level", "scores"), ("metric", "summary"), ("kendall_tau", "ranking"),
+                  ("selected_source", "selection"), ("slice_index", "slices"))
+
+
+def is_nullable(column: str) -> bool:
+    """Whether a report column may be left out (all null) by the table builders, see :data:`NULLABLE_COLUMNS`."""
+    return column.startswith(f"{REAL}_") or column in NULLABLE_COLUMNS
+
+
 def _typed(df: pd.DataFrame, schema: Mapping[str, str]) -> pd.DataFrame:
     """``df`` with exactly the ``schema`` columns, in order, cast to their dtypes.
 
-    Missing values become null, except in boolean columns where they become False (not flagged).
+    Missing values become null, except in boolean columns where they become False (not flagged). A non-empty ``df``
+    lacking a column that is not nullable (:func:`is_nullable`) raises ValueError: a computation that did not run
+    must not read as a column of nulls that matches the schema.
     """
+    missing = [c for c in schema if c not in df.columns and not is_nullable(c)]
+    if len(df) and missing:
+        table = next((name for marker, name in _TABLE_MARKERS if marker in schema), "report")
+        raise ValueError(f"{table} table: column(s) {missing} were not computed; compute them, or list them in "
+                         "NULLABLE_COLUMNS if they may legitimately be absent")
     out = df.reindex(columns=list(schema))
     for column, dtype in schema.items():
         if dtype == "bool":
