@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -33,6 +34,7 @@ OVERLAY_LEGEND = [
     Patch(color=ERROR_COLOURS(2), label="missed: pGT only"),
     Patch(color=ERROR_COLOURS(3), label="class confusion"),
     Line2D([0], [0], color="lime", linewidth=1, label="pGT outline"),
+    Line2D([0], [0], color="magenta", linewidth=1, label="learned opinion: wrong voxels"),
 ]
 VERDICT_COLOURS = {"PASS": "tab:green", "REVIEW": "tab:orange", "FAIL": "tab:red"}
 
@@ -62,9 +64,29 @@ def case_slice(results: Path, candidate: str, source: str, subject: str
     return pre.image[k], pgt[k], errors[k], k
 
 
+def learned_error_slice(results: Path, candidate: str, source: str, subject: str, k: int) -> np.ndarray | None:
+    """Patch-space slice ``k`` of the voxels the learned opinion calls wrong (candidate vs its estimated truth),
+    or None without the learned opinion."""
+    estimated = results / "learned" / "estimated" / source / f"{subject}.nii.gz"
+    if not estimated.is_file():
+        return None
+    pre = load_preprocessed(results / "preprocessed" / f"{subject}.npz")
+    truth = to_patch_space(np.asarray(nib.load(estimated).dataobj), pre.record)
+    cand = to_patch_space(np.asarray(nib.load(candidate).dataobj), pre.record)
+    return cand[k] != truth[k]
+
+
+def _title(row: Any, k: int) -> str:
+    learned = getattr(row, "learned_dsc", np.nan)
+    opinions = f"nnQC {row.predicted_dsc:.2f}" + (f", learned {learned:.2f}" if np.isfinite(learned) else "")
+    verdict = f", {row.verdict} (risk {row.risk:.2f})" if hasattr(row, "verdict") else ""
+    return f"{row.source} / {row.subject}\nslice {k}, {opinions}{verdict}"
+
+
 def plot_cases(cases: pd.DataFrame, results_dir: str | os.PathLike, candidates: dict[str, str],
                path: str | os.PathLike, empty_note: str) -> None:
-    """One overlay panel per case (image, pGT outline, candidate errors, with a legend), or ``empty_note``."""
+    """One overlay panel per case (image, pGT outline, candidate errors against the pGT, and the learned opinion's
+    wrong voxels outlined where it ran, with a legend), or ``empty_note``."""
     cols = max(1, min(3, len(cases)))
     rows = max(1, int(np.ceil(len(cases) / cols)))
     fig = Figure(figsize=(4 * cols, 4.6 * rows + 0.6))  # room for the two-line titles
@@ -80,10 +102,11 @@ def plot_cases(cases: pd.DataFrame, results_dir: str | os.PathLike, candidates: 
         if pgt.any():
             ax.contour(pgt > 0, levels=[0.5], colors="lime", linewidths=1)
         ax.imshow(errors, cmap=ERROR_COLOURS, vmin=0, vmax=3, interpolation="nearest")
-        verdict = f", {row.verdict} (risk {row.risk:.2f})" if hasattr(row, "verdict") else ""
-        ax.set_title(f"{row.source} / {row.subject}\nslice {k}, predicted DSC {row.predicted_dsc:.2f}{verdict}",
-                     fontsize=9)
-    fig.legend(handles=OVERLAY_LEGEND, loc="lower center", ncol=4, fontsize="small", frameon=False)
+        learned = learned_error_slice(Path(results_dir), candidate, row.source, row.subject, k)
+        if learned is not None and learned.any():
+            ax.contour(learned, levels=[0.5], colors="magenta", linewidths=0.8)
+        ax.set_title(_title(row, k), fontsize=9)
+    fig.legend(handles=OVERLAY_LEGEND, loc="lower center", ncol=3, fontsize="small", frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     save_figure(fig, path)
 
