@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -14,20 +17,45 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 from nnqc_pipe.data import demo
 from nnqc_pipe.data.io import read_json, read_parquet_metadata
+from nnqc_pipe.report.tables import is_nullable
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_snakemake(config: dict, workdir: Path, *targets: str) -> subprocess.CompletedProcess:
-    """Run the workflow with ``config`` (written to a file) from the repository, results under ``workdir``."""
+def _snakemake_command(config: dict, workdir: Path, *targets: str) -> tuple[list[str], dict[str, str]]:
     cfg_path = workdir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(cfg_path), "--nolock", *targets]
+    return [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(cfg_path), "--nolock", *targets], env
+
+
+def run_until_killed(config: dict, workdir: Path, kill_when: Callable[[], bool], poll_s: float = 0.2) -> bool:
+    """Start the workflow and SIGKILL its whole process group (Snakemake and its jobs) once ``kill_when()`` holds,
+    as a crash or a cluster's time limit would; False if the run ended before that."""
+    cmd, env = _snakemake_command(config, workdir)
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True) as proc:
+        deadline = time.monotonic() + 1800
+        while proc.poll() is None and time.monotonic() < deadline:
+            if kill_when():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(poll_s)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        return False
+
+
+def run_snakemake(config: dict, workdir: Path, *targets: str) -> subprocess.CompletedProcess:
+    """Run the workflow with ``config`` (written to a file) from the repository, results under ``workdir``."""
+    cmd, env = _snakemake_command(config, workdir, *targets)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         print(proc.stdout[-5000:], proc.stderr[-8000:])
@@ -62,11 +90,94 @@ def demo_config(workdir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo cohort through every stage there is."""
+    """The demo cohort through every stage there is, killed once while train_ldm is in its second (last) epoch and
+    run again: the rerun must resume the LDM from its saved state (test_demo_ldm_resumes_after_a_kill). The curves
+    as the killed job left them are kept in ``interrupted_ldm_curves.csv`` next to the results."""
     workdir = tmp_path_factory.mktemp("demo_run")
-    proc = run_snakemake(demo_config(workdir), workdir)
+    models = workdir / "results" / "e2e" / "models"
+    # the curves are written after every epoch, right after the resumable state: their first appearance means
+    # epoch 1 of 2 is saved and epoch 2 is under way
+    killed = run_until_killed(demo_config(workdir), workdir, (models / "ldm_curves.csv").is_file)
+    if killed and (models / "ldm_curves.csv").is_file():
+        shutil.copy(models / "ldm_curves.csv", workdir / "interrupted_ldm_curves.csv")
+    proc = run_snakemake(demo_config(workdir), workdir, "--rerun-incomplete")
     assert proc.returncode == 0, "workflow failed"
     return workdir / "results" / "e2e"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks of the predicted quality itself, applied to a run's tables (and, in test_checks_catch_a_wrong_predicted_dsc,
+# to copies whose predicted DSC is a constant or shuffled, which they must reject)
+# ---------------------------------------------------------------------------------------------------
+
+FAIL_DSC = 0.7  # real DSC below which a candidate is a failure (report.fail_dsc's default)
+# Known quality order of the sources (higher is better): the GT, then the degradation levels, L1 the worst.
+SOURCE_RANK = {"gt": 6, "degraded_L5": 5, "degraded_L4": 4, "degraded_L3": 3, "degraded_L2": 2, "degraded_L1": 1}
+
+
+def labelled_foreground(subjects: pd.DataFrame) -> pd.DataFrame:
+    """The subject-level (foreground) rows that have a real DSC."""
+    return subjects[(subjects["label"] == "foreground") & subjects["real_dsc"].notna()]
+
+
+def check_predicted_quality_bites(subjects: pd.DataFrame, min_rho: float, min_order_rho: float,
+                                  min_auc: float) -> dict[str, float]:
+    """The predicted DSC ranks candidates like the real DSC (pooled Spearman ρ ≥ ``min_rho``), orders each
+    subject's sources gt > L5 > … > L1 (median over subjects of the per-subject Spearman ρ ≥ ``min_order_rho``) and
+    detects real failures (ROC AUC of −predicted for real DSC < 0.7 ≥ ``min_auc``). A constant score has undefined
+    ρ and AUC 0.5; a shuffled one has ρ near 0. Returns the measured values."""
+    fg = labelled_foreground(subjects)
+    assert len(fg) >= 6 and fg["predicted_dsc"].notna().all()
+    rho = stats.spearmanr(fg["predicted_dsc"], fg["real_dsc"]).statistic
+    ranked = fg[fg["source"].isin(SOURCE_RANK)]
+    order_rho = float(np.median([stats.spearmanr(g["predicted_dsc"], g["source"].map(SOURCE_RANK)).statistic
+                                 for _, g in ranked.groupby("subject")]))
+    failed = fg["real_dsc"] < FAIL_DSC
+    assert failed.any() and not failed.all()
+    auc = roc_auc_score(failed, -fg["predicted_dsc"])
+    measured = {"spearman_rho": float(rho), "order_rho": order_rho, "failure_auc": float(auc)}
+    assert rho >= min_rho, measured
+    assert order_rho >= min_order_rho, measured
+    assert auc >= min_auc, measured
+    return measured
+
+
+def check_flagged_candidates_have_review_items(report: Path) -> None:
+    """Where REVIEW/FAIL rows exist, the review list and the error regions are not empty and cover only them."""
+    subjects = pd.read_parquet(report / "subjects.parquet")
+    flagged = subjects[(subjects["label"] == "foreground") & (subjects["verdict"] != "PASS")]
+    assert len(flagged) > 0
+    keys = set(map(tuple, flagged[["source", "subject"]].to_numpy()))
+    for table in ("review", "error_regions"):
+        rows = pd.read_parquet(report / f"{table}.parquet")
+        assert len(rows) > 0, table
+        assert set(map(tuple, rows[["source", "subject"]].to_numpy())) <= keys, table
+
+
+def check_required_columns_filled(report: Path, tables: tuple[str, ...] = ("subjects", "slices", "summary",
+                                                                           "ranking")) -> None:
+    """No column the report must compute (not nullable, see report.tables.is_nullable) is all null."""
+    for table in tables:
+        df = pd.read_parquet(report / f"{table}.parquet")
+        empty = [c for c in df.columns if df[c].isna().all() and not is_nullable(c)]
+        assert len(df) > 0 and not empty, f"{table}: all-null required columns {empty}"
+
+
+def constant_predicted_dsc(subjects: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose predicted DSC is one value everywhere (a QC that says nothing)."""
+    return subjects.assign(predicted_dsc=0.5)
+
+
+def shuffled_predicted_dsc(subjects: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """A copy whose foreground predicted DSCs are permuted across candidates (subjects × sources)."""
+    out = subjects.copy()
+    fg = out["label"] == "foreground"
+    out.loc[fg, "predicted_dsc"] = np.random.default_rng(seed).permutation(out.loc[fg, "predicted_dsc"].to_numpy())
+    return out
+
+
+# Floors of the demo run (tiny preset, 2 epochs; measured 0.98 / 0.97 / 1.0, see the task report).
+DEMO_FLOORS = {"min_rho": 0.8, "min_order_rho": 0.8, "min_auc": 0.85}
 
 
 def test_demo_subjects_and_split(demo_run):
@@ -170,6 +281,47 @@ def test_demo_report_tables(demo_run):
     assert meta["model_card"]["encoder"]["pretrained"] is False
     for figure in ("predicted_vs_real_dsc.png", "mae_per_level.png", "worst_overlays.png"):
         assert (report / "figures" / figure).stat().st_size > 1000
+
+
+def test_demo_predicted_quality(demo_run):
+    """nnQC's predicted DSC on the demo: ranks and orders the candidates like their real quality and detects the
+    failures; the worst level FAILs and carries more risk than the GT; review items exist where verdicts flag."""
+    report = demo_run / "report"
+    subjects = pd.read_parquet(report / "subjects.parquet")
+    check_predicted_quality_bites(subjects, **DEMO_FLOORS)
+    fg = labelled_foreground(subjects).set_index(["source", "subject"])
+    assert (fg.loc["degraded_L1", "verdict"] == "FAIL").all()
+    assert fg.loc["gt", "risk"].mean() < fg.loc["degraded_L1", "risk"].mean()
+    summary = pd.read_parquet(report / "summary.parquet")
+    dsc = summary[(summary.metric == "dsc") & (summary.label == "foreground")].set_index("source")
+    assert dsc.loc["all", "failure_auc"] >= DEMO_FLOORS["min_auc"] and dsc.loc["all", "spearman_rho"] >= 0.8
+    ranking = pd.read_parquet(report / "ranking.parquet").set_index("source")
+    assert ranking["kendall_tau"].iloc[0] >= 0.6
+    assert ranking.loc["gt", "mean_predicted_dsc"] > ranking.loc["degraded_L1", "mean_predicted_dsc"]
+    check_flagged_candidates_have_review_items(report)
+    check_required_columns_filled(report)
+
+
+@pytest.mark.parametrize("mutate", [constant_predicted_dsc, shuffled_predicted_dsc], ids=["constant", "shuffled"])
+def test_checks_catch_a_wrong_predicted_dsc(demo_run, mutate):
+    """Mutation check: the demo's subjects table with its predicted DSC replaced by a constant, or shuffled across
+    candidates, fails check_predicted_quality_bites (which the real table passes, test_demo_predicted_quality)."""
+    subjects = pd.read_parquet(demo_run / "report" / "subjects.parquet")
+    with pytest.raises(AssertionError):
+        check_predicted_quality_bites(mutate(subjects), **DEMO_FLOORS)
+
+
+def test_demo_ldm_resumes_after_a_kill(demo_run):
+    """train_ldm killed (with Snakemake) after its first epoch: the rerun resumed from the saved state instead of
+    starting over, and the first epoch's curve row is the one the killed job wrote."""
+    interrupted = demo_run.parents[1] / "interrupted_ldm_curves.csv"
+    assert interrupted.is_file(), "the first run was not killed during train_ldm"
+    log = (demo_run / "logs" / "train_ldm.log").read_text()
+    assert "resuming from" in log and "after epoch 1" in log
+    assert "ldm epoch 1/2" not in log and "ldm epoch 2/2" in log  # epoch 1 was not trained again
+    before, after = pd.read_csv(interrupted), pd.read_csv(demo_run / "models" / "ldm_curves.csv")
+    assert before["epoch"].tolist() == [1] and after["epoch"].tolist() == [1, 2]
+    pd.testing.assert_frame_equal(after.iloc[:1], before)
 
 
 def test_bad_subject_is_excluded_and_reported(tmp_path):
