@@ -64,12 +64,14 @@ if LEARNED and not QC_MODEL_SOURCE:
             tolerance=config["metrics"]["surface_dice_tolerance_mm"],
             out=pattern("learned_candidates"),
             seed=config["degradation"]["seed"],
+            fold_seed=config["seed"],
         shell:
             "python -m nnqc_pipe learned-candidates --fold {wildcards.fold} --folds {params.folds} "
             "--split-tsv {input.split_tsv} --npz {params.npz:q} --labels {params.labels:q} "
             "--plan-json {input.plan} --segmenter {input.segmenter} --sources {params.sources:q} "
             "--n-seggen {params.seggen} --n-degraded {params.degraded} --tolerance-mm {params.tolerance} "
-            "--out {params.out:q} --record {output} --seed {params.seed} > {log} 2>&1"
+            "--out {params.out:q} --record {output} --seed {params.seed} --fold-seed {params.fold_seed} "
+            "> {log} 2>&1"
 
     # The QC network: trained on the train subjects' candidates, selected on the val subjects'.
     rule train_qcnet:

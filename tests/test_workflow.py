@@ -75,6 +75,7 @@ def base_config(workdir: Path, images: str, labels: str, **extra) -> dict:
         "model": {"vae": {"epochs": 2}, "ldm": {"epochs": 2, "val_every": 1}},
         "expert": {"tiny_fallback": True},
         "inference": {"ddim_steps": 3},
+        "learned": {"folds": 2, "seggen_per_subject": 2, "degraded_per_subject": 1},
         "device": "cpu",
         **extra,
     }
@@ -277,7 +278,7 @@ def test_demo_report_tables(demo_run):
     assert set(ranking.source) == set(subjects.source) and "kendall_tau" in ranking.columns
     meta = read_parquet_metadata(report / "ranking.parquet")
     assert meta["pipeline_version"] and meta["config_hash"]
-    assert set(meta["checkpoints"]) == {"vae.pt", "ldm.pt"}
+    assert set(meta["checkpoints"]) == {"vae.pt", "ldm.pt", "qcnet.pt"}
     assert meta["model_card"]["encoder"]["pretrained"] is False
     for figure in ("predicted_vs_real_dsc.png", "mae_per_level.png", "worst_overlays.png"):
         assert (report / "figures" / figure).stat().st_size > 1000
@@ -322,6 +323,45 @@ def test_demo_ldm_resumes_after_a_kill(demo_run):
     before, after = pd.read_csv(interrupted), pd.read_csv(demo_run / "models" / "ldm_curves.csv")
     assert before["epoch"].tolist() == [1] and after["epoch"].tolist() == [1, 2]
     pd.testing.assert_frame_equal(after.iloc[:1], before)
+
+
+def test_demo_learned_opinion(demo_run):
+    """The learned opinion end to end: one segmenter per fold with its held-out predictions, training candidates of
+    every train/val subject with their real quality (the GT itself scores 1), the QC network, an estimated truth
+    per candidate, learned/combined scores in every report table, its error regions, and verdicts on nnQC's score
+    by default."""
+    split = pd.read_csv(demo_run / "split.tsv", sep="\t")
+    training = sorted(split.loc[split.role.isin(["train", "val"]), "subject"])
+    assert sorted(p.name for p in (demo_run / "models" / "segmenters").glob("segmenter_fold?.pt")) == [
+        "segmenter_fold0.pt", "segmenter_fold1.pt"]
+    for subject in training:
+        with np.load(demo_run / "learned" / "candidates" / f"{subject}.npz") as data:
+            kinds = list(data["kinds"])
+            assert kinds[0] == "gt" and np.allclose(data["real_dsc"][0], 1.0)
+            assert {"segmenter_e1", "segmenter_e2"} <= set(kinds) and any(k.startswith("seggen_") for k in kinds)
+            assert data["candidates"].shape[0] == len(kinds) == data["real_nsd"].shape[0]
+            assert ((data["real_dsc"] >= 0) & (data["real_dsc"] <= 1)).all()
+    assert (demo_run / "models" / "qcnet.pt").is_file()
+    assert "qcnet epoch 2/2" in (demo_run / "logs" / "train_qcnet.log").read_text()
+    estimated = sorted((demo_run / "learned" / "estimated").glob("*/*.nii.gz"))
+    assert len(estimated) == len(list((demo_run / "pgt").glob("*/*.nii.gz")))
+    image = nib.load(demo_run / "data" / "imagesTr" / f"{estimated[0].name}")
+    assert nib.load(estimated[0]).shape == image.shape and np.allclose(nib.load(estimated[0]).affine, image.affine)
+    report = demo_run / "report"
+    subjects = pd.read_parquet(report / "subjects.parquet")
+    for column in ("learned_dsc", "learned_nsd", "combined_dsc"):
+        assert subjects[column].between(0, 1).all(), column
+    np.testing.assert_allclose(subjects["verdict_score"], subjects["predicted_dsc"])  # report.verdict_score: nnqc
+    slices = pd.read_parquet(report / "slices.parquet")
+    assert slices["learned_dsc"].between(0, 1).all()
+    summary = pd.read_parquet(report / "summary.parquet")
+    assert {"learned_dsc", "combined_dsc"} <= set(summary.metric)
+    meta = read_parquet_metadata(report / "subjects.parquet")
+    assert meta["verdict_score"] == {"score": "nnqc", "column": "predicted_dsc"}
+    assert meta["combined"]["foreground"]["fitted"] is False  # 2 labelled test subjects: the plain mean, said so
+    regions = pd.read_parquet(report / "error_regions.parquet")
+    if (subjects.query("label == 'foreground'").verdict != "PASS").any():
+        assert set(regions.opinion) == {"nnqc", "learned"}
 
 
 def test_bad_subject_is_excluded_and_reported(tmp_path):
@@ -374,6 +414,6 @@ def test_check_command_scores_one_case_with_the_trained_models(demo_run, tmp_pat
     out = tmp_path / "pgt.nii.gz"
     assert main(["check", *case, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "predicted_dsc" in printed and "foreground" in printed
+    assert "predicted_dsc" in printed and "foreground" in printed and "learned_dsc" in printed
     assert nib.load(out).shape == nib.load(case[1]).shape
     assert main(["check", *case, "--image-guidance", "2"]) == 2

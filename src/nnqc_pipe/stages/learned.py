@@ -55,7 +55,7 @@ def train_segmenter(fold: int, folds: int, split_tsv: PathLike, npz: str, plan_j
 
 def learned_candidates(fold: int, folds: int, split_tsv: PathLike, npz: str, labels: str, plan_json: PathLike,
                        segmenter: PathLike, sources: dict[str, str], n_seggen: int, n_degraded: int,
-                       tolerance_mm: float, out: str, record: PathLike, seed: int = 0) -> None:
+                       tolerance_mm: float, out: str, record: PathLike, seed: int = 0, fold_seed: int = 0) -> None:
     """The training candidates of one fold's subjects with their real DSC and NSD on the original grid.
 
     Args:
@@ -73,6 +73,7 @@ def learned_candidates(fold: int, folds: int, split_tsv: PathLike, npz: str, lab
         out: candidates .npz path pattern with {subject}.
         record: the chunk record to write.
         seed: seed of the random candidates.
+        fold_seed: the seed the folds were cut with (the segmenters' training seed).
     """
     from nnqc_pipe.data.io import load_mask_on_grid, load_volume
     from nnqc_pipe.data.preprocess import (
@@ -89,12 +90,18 @@ def learned_candidates(fold: int, folds: int, split_tsv: PathLike, npz: str, lab
 
     plan_ = read_plan(plan_json)
     predictions = read_checkpoint(segmenter)["predictions"]
+    if not predictions:
+        log.warning("%s stopped before its first checkpoint epoch: no segmenter candidates for fold %d",
+                    segmenter, fold)
 
     def work(subject: str) -> list[dict[str, Any]]:
         pre = load_preprocessed(fill(npz, subject=subject))
         record_ = pre.record
         own = {int(key.split("|")[1]): mask.numpy() for key, mask in predictions.items()
                if key.split("|")[0] == subject}
+        if predictions and not own:
+            raise ValueError(f"{segmenter} holds predictions of other subjects but none of {subject}: the "
+                             "segmenter was trained with other folds (rerun train_segmenter)")
         user = {name: to_patch_space(load_candidate(fill(pattern, subject=subject), record_), record_)
                 for name, pattern in sources.items() if Path(fill(pattern, subject=subject)).is_file()}
         candidates = make_candidates(pre, own, user, n_seggen, n_degraded, seed)
@@ -116,7 +123,7 @@ def learned_candidates(fold: int, folds: int, split_tsv: PathLike, npz: str, lab
                  " ".join(f"{k}={d[0]:.2f}" for (k, _), d in zip(candidates, dsc, strict=True)))
         return [record_row(subject, "learned_candidates", path)]
 
-    subjects = fold_subjects(split_tsv, folds, seed)[fold]
+    subjects = fold_subjects(split_tsv, folds, fold_seed)[fold]
     write_chunk_record(run_chunk(subjects, work, lambda s: f"subject {s!r}", "learned_candidates"), record)
 
 
