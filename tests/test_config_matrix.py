@@ -31,8 +31,10 @@ pytestmark = pytest.mark.slow
 def matrix_config(workdir, **extra) -> dict:
     data = workdir / "results" / "e2e" / "data"
     labels = f"{data}/labelsTr/{{subject}}.nii.gz"
-    return base_config(workdir, f"{data}/imagesTr/{{subject}}.nii.gz", labels,
-                       demo={"enabled": True, "n_subjects": 6, "seed": 3}, **extra)
+    config = base_config(workdir, f"{data}/imagesTr/{{subject}}.nii.gz", labels,
+                         demo={"enabled": True, "n_subjects": 6, "seed": 3}, **extra)
+    config["learned"] = {"enabled": False}  # the learned opinion runs in the demo and population runs
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,7 @@ def test_selection_and_review_lists(decisions_run):
 
 def test_threshold_change_reruns_only_the_report(decisions_run):
     workdir, config, _ = decisions_run
-    changed = {**config, "report": {"fail_risk": 0.8, "review_risk": 0.3}}
+    changed = {**config, "report": {"fail_risk": 0.8, "review_risk": 0.3, "verdict_score": "calibrated"}}
     proc = run_snakemake(changed, workdir, "-n")
     assert proc.returncode == 0
     jobs = re.findall(r"^(\w+)\s+\d+$", proc.stdout, flags=re.MULTILINE)
@@ -131,6 +133,16 @@ def test_conditioning_mode_none_runs_without_the_vision_expert(tmp_path):
     assert not (out / "embeddings").exists() and not (out / "chunks" / "embed").exists()
     subjects = pd.read_parquet(out / "report" / "subjects.parquet")
     assert subjects.predicted_dsc.notna().all() and len(subjects) > 0
+    # learned.enabled: false leaves no learned rule, file or value
+    assert not (out / "learned").exists() and not (out / "models" / "qcnet.pt").exists()
+    assert not (out / "logs" / "train_qcnet.log").exists() and subjects.learned_dsc.isna().all()
+
+
+def test_learned_verdict_score_without_the_learned_opinion_stops_the_run(tmp_path):
+    config = matrix_config(tmp_path, report={"verdict_score": "combined"})
+    proc = run_snakemake(config, tmp_path, "-n")
+    assert proc.returncode != 0 and "report.verdict_score: combined needs the learned opinion" in proc.stdout + (
+        proc.stderr)
 
 
 def test_labels_null_without_a_qc_model_stops_with_what_to_do(tmp_path):

@@ -196,7 +196,7 @@ def ranking_schema(metric: str = "dsc") -> dict[str, str]:
 # side (``real_*``, ``gt_voxels``) exists only for labelled subjects, the domain-shift flag only with a training
 # fingerprint, the predictors of :func:`add_predictors` only after it ran, the failure detection only on DSC rows.
 NULLABLE_COLUMNS = frozenset({"gt_voxels", "flag_out_of_distribution", "ood_reason", CALIBRATED_COLUMN,
-                              COMBINED_COLUMN, AGREEMENT_COLUMN, *FAILURE_COLUMNS})
+                              COMBINED_COLUMN, AGREEMENT_COLUMN, *LEARNED_COLUMNS, *FAILURE_COLUMNS})
 # A column that only one table has names that table in the error of _typed.
 _TABLE_MARKERS = (("verdict", "subjects"), ("level", "scores"), ("metric", "summary"), ("kendall_tau", "ranking"),
                   ("selected_source", "selection"), ("slice_index", "slices"))
