@@ -115,7 +115,7 @@ TARGETS = {  # name -> (comparison, target, what)
     "within_best_r": (">=", 0.80, "best real model: within-source Pearson r"),
     "within_best_over_baselines": (">", 0.0, "best real model: r minus the best baseline's r"),
     "within_best_over_next_best": (">", 0.0, "best real model: r minus r of the DSC against the next-best model"),
-    "unseen_family_mae": ("<=", 0.05, f"unseen segmenter family ({'atlas'}): MAE"),
+    "unseen_family_mae": ("<=", 0.05, f"unseen segmenter family ({UNSEEN_FAMILY}): MAE"),
     "good_masks_flagged": ("<=", 0.05, "real models, real DSC >= 0.8: share sent to REVIEW or FAIL"),
     "failures_flagged": (">=", 0.95, "real models, real DSC < 0.7: share sent to REVIEW or FAIL"),
     "gt_mean_predicted_learned": (">=", 0.93, "gt mean score (issue 17 target)"),
