@@ -55,7 +55,9 @@ def subjects_table(n_subjects: int = 6) -> pd.DataFrame:
                              "predicted_dsc": predicted, "real_dsc": real, "calibrated_dsc": real + offset / 2,
                              "baseline_agreement_dsc": 0.9 - 0.1 * abs(real - 0.8) if label == "foreground" else 0.0,
                              "baseline_vae_recon_dsc": 0.95 - 0.2 * (1 - real),
-                             "verdict": verdict_of(predicted), "n_slices": 4})
+                             "verdict": verdict_of(predicted), "n_slices": 4, "cand_voxels": 100,
+                             "pgt_voxels": 100, "uncertainty": 0.01, "flag_hd95_undefined": False,
+                             "flag_ravd_undefined": False})
     return pd.DataFrame(rows)
 
 
