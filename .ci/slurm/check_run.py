@@ -21,7 +21,7 @@ import sys
 
 import yaml
 
-GPU_RULES = {"embed", "train_vae", "train_ldm", "infer"}
+GPU_RULES = {"embed", "train_vae", "train_ldm", "train_segmenter", "train_qcnet", "infer"}
 FAILURES: list[str] = []
 
 
