@@ -115,8 +115,9 @@ def test_real_group_scores_on_the_original_grid():
 
 
 def test_learned_counts_dice_and_estimated_truth_on_a_flipped_grid():
-    """Error maps that are exactly the candidate's errors give the real DSC per slice and volume, and an
-    estimated truth equal to the truth, also when the stored grid is flipped along the slicing axis."""
+    """Error maps that are exactly the candidate's errors, counted on the patch grid, give the real DSC per slice
+    (in the stored slice order) and volume, and an estimated truth equal to the truth, also when the stored grid is
+    flipped along the slicing axis."""
     truth_patch, cand_patch = _disc_stack(radius=6), _disc_stack(radius=4)
     cand_patch[2] = 0  # one missed slice
     probs = error_targets(torch.as_tensor(cand_patch).long(), torch.as_tensor(truth_patch).long(), 3).numpy()
@@ -125,7 +126,7 @@ def test_learned_counts_dice_and_estimated_truth_on_a_flipped_grid():
     flip[0, 3] = truth_patch.shape[0] - 1
     record["orig_affine"] = flip.tolist()
     cand_orig, truth_orig = cand_patch[::-1].copy(), truth_patch[::-1].copy()  # what the files hold
-    counts = learned_slice_counts(probs, cand_orig, record)
+    counts = learned_slice_counts(probs, cand_patch, record)
     axis, index = original_slice_order(record)
     slices = pd.DataFrame({"slice_index": index, **{k: v[index] for k, v in counts.items()}})
     scores = learned_dice(slices, {1: "wall", 2: "core"}, [1, 2])

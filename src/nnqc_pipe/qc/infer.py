@@ -87,7 +87,7 @@ def infer_subject(
     estimated = None
     if learned is not None:
         probabilities = learned.probabilities(pre.image, candidate_patch)
-        counts.update(learned_slice_counts(probabilities, candidate_indices, record))
+        counts.update(learned_slice_counts(probabilities, candidate_patch, record))
         estimated = estimated_truth(probabilities, candidate_indices, record)
     slices = pd.DataFrame({
         "slice_index": original_index.astype(np.int64),

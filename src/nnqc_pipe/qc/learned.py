@@ -2,8 +2,8 @@
 candidates (:mod:`nnqc_pipe.models.candidates`) and what a trained network says about one candidate.
 
 Each candidate's real DSC and NSD per error group are measured on the subject's original grid, with the real
-spacing, against the label file. At inference, the error probabilities are mapped back to the original grid and
-counted per slice (:func:`learned_slice_counts`), so the volume's learned DSC is a count over every voxel
+spacing, against the label file. At inference, the error probabilities are counted per slice on the patch grid the
+network works on (:func:`learned_slice_counts`), so the volume's learned DSC is a count over every voxel
 (:func:`learned_dice`); the estimated truth (the candidate with the likely errors corrected,
 :func:`estimated_truth`) gives the learned NSD and the learned error regions.
 """
@@ -43,17 +43,27 @@ def _count_columns(group: str) -> tuple[str, str, str]:
 
 def learned_slice_counts(probabilities: np.ndarray, candidate: np.ndarray, record: dict[str, Any]
                          ) -> dict[str, np.ndarray]:
-    """Per original slice (original slice order): soft TP, FP and FN of every error group, counted on the original
-    grid from the patch-grid error probabilities [S, 2G, H, W] and the class-index candidate on the original grid.
-    Keys ``learned_{tp,fp,fn}_{group}``."""
-    maps = invert_maps(probabilities, record, cval=0.0)
-    axis, _ = original_slice_order(record)
-    others = tuple(a for a in range(candidate.ndim) if a != axis)
+    """Per original slice (entry ``i`` = the stored array's slice ``i`` along the slicing axis): soft TP, FP and FN
+    of every error group, counted on the PATCH grid from the error probabilities [S, 2G, H, W] and the class-index
+    candidate patch stack [S, H, W] the network saw. Keys ``learned_{tp,fp,fn}_{group}``.
+
+    The patch grid is the one the network was trained to count on (its volume-DSC loss sums these terms there).
+    Counting on the original grid instead would interpolate the maps first: an error map is a thin band along the
+    candidate's boundary, and interpolation spreads half of it across the boundary, where the candidate (or its
+    complement) masks it out. On shared hippocampus that lost about half of the error mass and lifted the learned
+    DSC of real segmenters' masks by 0.13 on average (docs/method.md, "The learned opinion")."""
+    _, original_index = original_slice_order(record)
+    if len(original_index) != len(candidate):
+        raise ValueError(f"subject {record.get('subject')}: {len(candidate)} patch slices for "
+                         f"{len(original_index)} original slices")
     counts = {}
     for g, (name, group) in enumerate(error_groups(record["n_classes"])):
-        terms = count_terms(group_mask(candidate, group), maps[2 * g], maps[2 * g + 1], axis=others)
+        terms = count_terms(group_mask(candidate, group), probabilities[:, 2 * g], probabilities[:, 2 * g + 1],
+                            axis=(1, 2))
         for column, values in zip(_count_columns(name), terms, strict=True):
-            counts[column] = np.asarray(values, dtype=np.float64)
+            stored = np.empty(len(original_index), dtype=np.float64)
+            stored[original_index] = values
+            counts[column] = stored
     return counts
 
 
