@@ -15,6 +15,7 @@ from nnqc_pipe.chunks import CHUNK_ID_PATTERN, chunk_group, chunk_of, fill, make
 from nnqc_pipe.config import (
     config_hash,
     discover_subjects,
+    job_device,
     job_python_problem,
     label_map,
 )
@@ -211,6 +212,12 @@ CANDIDATES = {
 def pattern(name):
     """A params value: the path pattern ``name`` (a function, so that Snakemake leaves its {placeholders} alone)."""
     return lambda wildcards: PATTERNS[name]
+
+
+def rule_device(wildcards, resources):
+    """--device of a network rule: `auto` is `cuda` in a job the profile gives a GPU (nnqc_pipe.config.job_device),
+    so that on a node without CUDA it fails at once; `device: cpu` runs anywhere."""
+    return job_device(config["device"], resources.get("gpu"), resources.get("gres"))
 
 
 def as_json(obj):
