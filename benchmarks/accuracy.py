@@ -42,6 +42,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -135,8 +136,13 @@ def derive_config(
     return config
 
 
-def run_snakemake(config_path: Path, cores: int, log_path: Path, extra: Sequence[str] = ()) -> tuple[int, float]:
-    """``snakemake --cores N --configfile <config>`` from the repository root; returns (exit code, wall seconds)."""
+def run_snakemake(config_path: Path, cores: int, log_path: Path, extra: Sequence[str] = (),
+                  timeout: float | None = None) -> tuple[int, float]:
+    """``snakemake --cores N --configfile <config>`` from the repository root; returns (exit code, wall seconds).
+
+    With ``timeout`` (seconds) snakemake runs in its own process group, which is stopped then (SIGTERM, SIGKILL
+    after 30 s), and the exit code is 124.
+    """
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO),
@@ -146,7 +152,18 @@ def run_snakemake(config_path: Path, cores: int, log_path: Path, extra: Sequence
     print("running:", " ".join(cmd), f"> {log_path}", flush=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=timeout is not None)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = 124
     return rc, time.perf_counter() - started
 
 
