@@ -377,7 +377,8 @@ def inspect_labels(wildcards):
 
 
 def candidate_inputs(stage, chunk):
-    """What the candidates of an infer/score chunk need: label files, degrade chunk records, user masks."""
+    """What the candidates of an infer chunk need: label files, degrade chunk records, user masks (the score chunks
+    depend on them through the infer chunk records)."""
     subjects = members(stage, chunk)
     sources = _qc_sources(_split_mtime(stage))
     files, degraded = set(), []
