@@ -50,6 +50,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -243,7 +244,7 @@ def benchmark_files(bench_dir: Path) -> dict[str, list[Path]]:
 
 
 def stage_times(bench_dir: Path, since: float | None = None) -> pd.DataFrame:
-    """Per top-level rule: jobs, summed and longest job wall seconds, summed CPU seconds.
+    """Per top-level rule: jobs, summed and longest job wall seconds, summed CPU seconds, largest job RSS (MB).
 
     ``since`` (epoch seconds) keeps only files written at or after it (the jobs of this run). Also returns, in
     ``df.attrs``, the files left out as older and an approximate wall span of the counted jobs (first job start
@@ -251,7 +252,7 @@ def stage_times(bench_dir: Path, since: float | None = None) -> pd.DataFrame:
     """
     rows, skipped, starts, ends = [], 0, [], []
     for rule, files in benchmark_files(bench_dir).items():
-        jobs, wall, cpu, longest = 0, 0.0, 0.0, 0.0
+        jobs, wall, cpu, longest, rss = 0, 0.0, 0.0, 0.0, math.nan
         for path in files:
             mtime = path.stat().st_mtime
             if since is not None and mtime < since:
@@ -264,11 +265,14 @@ def stage_times(bench_dir: Path, since: float | None = None) -> pd.DataFrame:
             longest = max(longest, float(seconds.max()) if len(seconds) else 0.0)
             if "cpu_time" in table:
                 cpu += float(pd.to_numeric(table["cpu_time"], errors="coerce").fillna(0.0).sum())
+            if "max_rss" in table:
+                rss = float(np.fmax(rss, pd.to_numeric(table["max_rss"], errors="coerce").max()))
             starts.append(mtime - float(seconds.sum()))
             ends.append(mtime)
         if jobs:
-            rows.append({"rule": rule, "jobs": jobs, "wall_s": wall, "max_job_s": longest, "cpu_s": cpu})
-    df = pd.DataFrame(rows, columns=["rule", "jobs", "wall_s", "max_job_s", "cpu_s"])
+            rows.append({"rule": rule, "jobs": jobs, "wall_s": wall, "max_job_s": longest, "cpu_s": cpu,
+                         "max_rss_mb": rss})
+    df = pd.DataFrame(rows, columns=["rule", "jobs", "wall_s", "max_job_s", "cpu_s", "max_rss_mb"])
     df = df.sort_values("wall_s", ascending=False, kind="stable").reset_index(drop=True)
     df.attrs["skipped_older"] = skipped
     df.attrs["span_s"] = (max(ends) - min(starts)) if ends else math.nan

@@ -97,6 +97,7 @@ PIPELINE_CAPS = {
 }
 PLAN_PATCH = {"paper": 256}  # plan.patch_size per preset (the paper's fixed 256²; otherwise the plan decides)
 TRAINING_RULES = ("train_vae", "train_ldm", "train_segmenter", "train_qcnet")
+GPU_RULES = ("embed", *TRAINING_RULES, "infer")  # the rules the SLURM profile sends to the GPU partition
 # Share of the budget per section (the pipeline gets what is left); the training split of a cohort.
 SHARES = {"correctness": 0.12, "training": 0.2, "inference": 0.25}
 TRAIN_SHARE = 0.8 * 0.9  # test_fraction 0.2, val_fraction 0.1 (the schema's defaults)
@@ -423,6 +424,8 @@ def derived(result: dict[str, Any]) -> dict[str, Any]:
                                           CANDIDATES_PER_SUBJECT},
             "peak_gpu_mb_at_batch": best["peak_gpu_mb"],
         }
+    per_rule = result["sections"].get("pipeline", {}).get("per_rule", [])
+    out["pipeline_max_rss_mb"] = {r["rule"]: r["max_rss_mb"] for r in per_rule if r["rule"] in GPU_RULES}
     training = result["sections"].get("training", {}).get("presets", {})
     for preset, figures in training.items():
         if "ldm" not in figures:
