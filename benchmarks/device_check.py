@@ -19,10 +19,10 @@ and the others go on. Every network is built by the package's own functions (pre
 4. ``inference``: s/slice of ``generate_pgt`` at 20 and 1 DDIM steps, 2 draws, for doubling batch sizes (network
    inputs = slices x draws) until one does not fit in memory or the time is up, both presets (the paper: 0.404
    s/slice on an A100), with peak GPU memory.
-5. ``pipeline`` (on by default on CUDA, ``--pipeline``/``--no-pipeline``): the whole workflow on the shared
-   hippocampus (the built-in demo cohort without it) with the cpu preset, ``device`` set to the checked device
-   and shortened training caps (``PIPELINE_CAPS``); wall time per rule from snakemake's benchmark files and the
-   accuracy figures beside the cpu preset's full CPU run (``CPU_REFERENCE``).
+5. ``pipeline`` (on by default on CUDA, ``--pipeline``/``--no-pipeline``): the whole workflow on 30 subjects of
+   the shared hippocampus (the built-in demo cohort without it) with the cpu preset, ``device`` set to the checked
+   device and shortened training caps (``PIPELINE_CAPS``); wall time per rule from snakemake's benchmark files
+   and the accuracy figures beside the cpu preset's full CPU run (``CPU_REFERENCE``).
 6. ``derived``: the figures the SLURM profile is sized from (README, "Sizing the SLURM profile"): s per
    candidate, candidates per GPU-hour, minutes per candidate for ``chunk_runtime``, subjects per 1-hour ``infer``
    job, the best inference batch size, training hours of the paper preset, peak GPU memory.
@@ -93,8 +93,9 @@ PIPELINE_CAPS = {
     "vae": {"epochs": 4, "max_minutes": 1},
     "ldm": {"epochs": 6, "max_minutes": 1, "val_every": 3},
     "segmenter": {"checkpoints": [1, 2], "max_minutes": 1},
-    "qcnet": {"epochs": 4, "max_minutes": 1},
+    "qcnet": {"epochs": 3, "max_minutes": 1},
 }
+PIPELINE_SUBJECTS = 30  # the first hippocampus subjects (sorted): 6 test subjects x (gt + 5 levels) to infer
 PLAN_PATCH = {"paper": 256}  # plan.patch_size per preset (the paper's fixed 256²; otherwise the plan decides)
 TRAINING_RULES = ("train_vae", "train_ldm", "train_segmenter", "train_qcnet")
 GPU_RULES = ("embed", *TRAINING_RULES, "infer")  # the rules the SLURM profile sends to the GPU partition
@@ -370,7 +371,9 @@ def pipeline(device: torch.device, data_dir: Path, work: Path, deadline: float) 
         cohort = yaml.safe_load((REPO / "config" / "cohorts" / "hippocampus.yaml").read_text())
         cohort["images"] = str(data_dir / "imagesTr" / "{subject}.nii.gz")
         cohort["labels"] = str(data_dir / "labelsTr" / "{subject}.nii.gz")
-        name = f"shared hippocampus ({data_dir})"
+        names = sorted(p.name.removesuffix(".nii.gz") for p in (data_dir / "imagesTr").glob("*.nii.gz"))
+        cohort["subjects"] = names[:PIPELINE_SUBJECTS]
+        name = f"shared hippocampus ({data_dir}, {len(cohort['subjects'])} subjects)"
     else:
         cohort = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
         name = f"built-in demo phantoms ({data_dir} absent)"
