@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
+# device-check: auto (CUDA when present), cuda or cpu; DEVICE_CHECK_ARGS e.g. --budget-s 3600 or --no-pipeline
+DEVICE ?= auto
+DEVICE_CHECK_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test lint env clean
+.PHONY: demo test lint env clean device-check
 
 env: $(VENV)/.installed
 
@@ -30,6 +33,12 @@ lint: env
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/snakefmt --check rules Snakefile
 	$(BIN)/snakemake --lint --configfile config/config.yaml
+
+## Measure the GPU path in minutes (correctness against the CPU, training and inference speed, a pipeline run):
+## prints every figure and writes results/device_check.json; on a SLURM GPU node:
+## srun --gres=gpu:1 --time=00:15:00 make device-check
+device-check: env
+	$(BIN)/python benchmarks/device_check.py --device $(DEVICE) $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf results .snakemake

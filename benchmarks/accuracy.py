@@ -42,6 +42,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -135,8 +137,13 @@ def derive_config(
     return config
 
 
-def run_snakemake(config_path: Path, cores: int, log_path: Path, extra: Sequence[str] = ()) -> tuple[int, float]:
-    """``snakemake --cores N --configfile <config>`` from the repository root; returns (exit code, wall seconds)."""
+def run_snakemake(config_path: Path, cores: int, log_path: Path, extra: Sequence[str] = (),
+                  timeout: float | None = None) -> tuple[int, float]:
+    """``snakemake --cores N --configfile <config>`` from the repository root; returns (exit code, wall seconds).
+
+    With ``timeout`` (seconds) snakemake runs in its own process group, which is stopped then (SIGTERM, SIGKILL
+    after 30 s), and the exit code is 124.
+    """
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO),
@@ -146,7 +153,18 @@ def run_snakemake(config_path: Path, cores: int, log_path: Path, extra: Sequence
     print("running:", " ".join(cmd), f"> {log_path}", flush=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=timeout is not None)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = 124
     return rc, time.perf_counter() - started
 
 
@@ -226,7 +244,7 @@ def benchmark_files(bench_dir: Path) -> dict[str, list[Path]]:
 
 
 def stage_times(bench_dir: Path, since: float | None = None) -> pd.DataFrame:
-    """Per top-level rule: jobs, summed and longest job wall seconds, summed CPU seconds.
+    """Per top-level rule: jobs, summed and longest job wall seconds, summed CPU seconds, largest job RSS (MB).
 
     ``since`` (epoch seconds) keeps only files written at or after it (the jobs of this run). Also returns, in
     ``df.attrs``, the files left out as older and an approximate wall span of the counted jobs (first job start
@@ -234,7 +252,7 @@ def stage_times(bench_dir: Path, since: float | None = None) -> pd.DataFrame:
     """
     rows, skipped, starts, ends = [], 0, [], []
     for rule, files in benchmark_files(bench_dir).items():
-        jobs, wall, cpu, longest = 0, 0.0, 0.0, 0.0
+        jobs, wall, cpu, longest, rss = 0, 0.0, 0.0, 0.0, math.nan
         for path in files:
             mtime = path.stat().st_mtime
             if since is not None and mtime < since:
@@ -247,11 +265,14 @@ def stage_times(bench_dir: Path, since: float | None = None) -> pd.DataFrame:
             longest = max(longest, float(seconds.max()) if len(seconds) else 0.0)
             if "cpu_time" in table:
                 cpu += float(pd.to_numeric(table["cpu_time"], errors="coerce").fillna(0.0).sum())
+            if "max_rss" in table:
+                rss = float(np.fmax(rss, pd.to_numeric(table["max_rss"], errors="coerce").max()))
             starts.append(mtime - float(seconds.sum()))
             ends.append(mtime)
         if jobs:
-            rows.append({"rule": rule, "jobs": jobs, "wall_s": wall, "max_job_s": longest, "cpu_s": cpu})
-    df = pd.DataFrame(rows, columns=["rule", "jobs", "wall_s", "max_job_s", "cpu_s"])
+            rows.append({"rule": rule, "jobs": jobs, "wall_s": wall, "max_job_s": longest, "cpu_s": cpu,
+                         "max_rss_mb": rss})
+    df = pd.DataFrame(rows, columns=["rule", "jobs", "wall_s", "max_job_s", "cpu_s", "max_rss_mb"])
     df = df.sort_values("wall_s", ascending=False, kind="stable").reset_index(drop=True)
     df.attrs["skipped_older"] = skipped
     df.attrs["span_s"] = (max(ends) - min(starts)) if ends else math.nan

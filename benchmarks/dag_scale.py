@@ -13,7 +13,13 @@ DAG only needs them to exist) and a cohort config for it, then times `snakemake 
 
 With ``--labelled L`` only the first L subjects have a label file (train/val/test come from them, the others are
 ``unlabelled``) and ``--sources K`` gives every subject K user candidate masks; ``--study`` is the population
-study of the README: 10,000 subjects, 500 labelled and 9,500 unlabelled, 3 sources.
+study of the README: 10,000 subjects, 500 labelled and 9,500 unlabelled, 3 sources; ``--study 100k`` the
+population study of issue 19: 100,000 subjects, 5,000 labelled, 3 sources.
+
+Job counts: every per-subject stage runs one job per chunk, so no rule may have more jobs than
+ceil(subjects / chunk size) + ``JOB_SLACK`` (one partial chunk per role of split.tsv); the job count of every rule
+of each dry run is printed against that bound and a rule above it is flagged (exit status 1), as is a DAG built in
+more than 60 s.
 
 Each dry run is run in a fresh process, as a user would. Two figures: "DAG built", the wall time until snakemake
 prints its first job-stats table (Python start, workflow parsing, DAG building incl. the checkpoint update), and
@@ -25,11 +31,13 @@ Usage:
     .venv/bin/python benchmarks/dag_scale.py                      # 10,000 subjects
     .venv/bin/python benchmarks/dag_scale.py --n-subjects 2000 --keep --profile
     .venv/bin/python benchmarks/dag_scale.py --study                      # 500 labelled + 9,500 unlabelled x 3
+    .venv/bin/python benchmarks/dag_scale.py --n-subjects 100000 --labelled 5000 --sources 3   # = --study 100k
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import subprocess
@@ -43,11 +51,14 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO  # --workflow: measure another checkout (e.g. a copy with a proposed change)
 TARGET_S = 60.0
+JOB_SLACK = 4  # one partial chunk per role of split.tsv (train, val, test, unlabelled)
+STUDIES = {"10k": (10_000, 500, 3), "100k": (100_000, 5_000, 3)}  # subjects, labelled, sources
 
 
 def subject_names(n: int) -> list[str]:
-    """The placeholder subjects' names, sorted."""
-    return [f"sub{i:05d}" for i in range(n)]
+    """The placeholder subjects' names, sorted (zero-padded to the width of the largest index)."""
+    width = max(5, len(str(n - 1)))
+    return [f"sub{i:0{width}d}" for i in range(n)]
 
 
 def make_cohort(root: Path, n: int, chunk_size: int | None = None, labelled: int | None = None,
@@ -151,11 +162,38 @@ def dry_run(
     return (t_dag if t_dag is not None else dt), dt, stats
 
 
-def total_jobs(stats: str) -> int:
+def job_counts(stats: str) -> dict[str, int]:
+    """Rule -> job count from snakemake's job-stats table (``total`` included)."""
+    counts = {}
     for line in stats.splitlines():
-        if line.startswith("total"):
-            return int(line.split()[-1])
-    return 0
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def total_jobs(stats: str) -> int:
+    return job_counts(stats).get("total", 0)
+
+
+def job_bound(n_subjects: int, chunk_size: int) -> int:
+    """The most jobs any rule may have: one per chunk of every role, ceil(subjects / chunk) + JOB_SLACK."""
+    return math.ceil(n_subjects / chunk_size) + JOB_SLACK
+
+
+def check_job_counts(stats: str, n_subjects: int, chunk_size: int) -> list[str]:
+    """Print every rule's job count against :func:`job_bound`; returns the rules above it (a job per subject or
+    per candidate instead of per chunk)."""
+    bound = job_bound(n_subjects, chunk_size)
+    over = []
+    for rule, count in job_counts(stats).items():
+        if rule == "total":
+            continue
+        flag = "" if count <= bound else f"  TOO MANY (> ceil({n_subjects}/{chunk_size}) + {JOB_SLACK} = {bound})"
+        print(f"    {rule:20s} {count:7d}{flag}")
+        if count > bound:
+            over.append(rule)
+    return over
 
 
 def main() -> int:
@@ -165,20 +203,22 @@ def main() -> int:
     ap.add_argument("--labelled", type=int, default=None,
                     help="subjects with a label file (default: all); the others are unlabelled")
     ap.add_argument("--sources", type=int, default=0, help="user candidate masks per subject (default: 0)")
-    ap.add_argument("--study", action="store_true",
-                    help="the population study: 10,000 subjects, 500 labelled, 3 sources (overrides the three above)")
+    ap.add_argument("--study", nargs="?", const="10k", choices=sorted(STUDIES),
+                    help="a population study (overrides the three above): 10k = 10,000 subjects, 500 labelled, "
+                         "3 sources (the default); 100k = 100,000 subjects, 5,000 labelled, 3 sources")
     ap.add_argument("--keep", action="store_true", help="keep the temporary cohort folder")
     ap.add_argument("--profile", action="store_true", help="also cProfile the after-split dry run")
     ap.add_argument("--no-slurm", action="store_true", help="skip the dry run with --profile profiles/slurm")
     ap.add_argument("--workflow", type=Path, default=REPO, help="workflow checkout to measure (default: this one)")
     args = ap.parse_args()
     if args.study:
-        args.n_subjects, args.labelled, args.sources = 10_000, 500, 3
+        args.n_subjects, args.labelled, args.sources = STUDIES[args.study]
     global WORKFLOW
     WORKFLOW = args.workflow.resolve()
 
     root = Path(tempfile.mkdtemp(prefix="nnqc-dag-scale-"))
     results = []
+    too_many: set[str] = set()
     try:
         t0 = time.perf_counter()
         config = make_cohort(root, args.n_subjects, args.chunk_size, args.labelled, args.sources)
@@ -188,18 +228,21 @@ def main() -> int:
 
         t_dag, dt, stats = dry_run(root, config, [], root / "dry-fresh.log")
         results.append(("fresh (stops at the split checkpoint)", t_dag, dt, total_jobs(stats)))
-        print(f"\n[fresh] DAG {t_dag:.1f} s, dry run {dt:.1f} s\n{stats}")
+        print(f"\n[fresh] DAG {t_dag:.1f} s, dry run {dt:.1f} s; jobs per rule:")
+        too_many.update(check_job_counts(stats, args.n_subjects, args.chunk_size))
 
         fake_checkpoint(root, args.n_subjects, args.chunk_size, args.labelled)
         t_dag, dt, stats = dry_run(root, config, [], root / "dry-after-split.log")
         results.append(("after split (whole per-subject DAG)", t_dag, dt, total_jobs(stats)))
-        print(f"\n[after-split] DAG {t_dag:.1f} s, dry run {dt:.1f} s\n{stats}")
+        print(f"\n[after-split] DAG {t_dag:.1f} s, dry run {dt:.1f} s; jobs per rule:")
+        too_many.update(check_job_counts(stats, args.n_subjects, args.chunk_size))
 
         if not args.no_slurm:
             slurm = ["--profile", str(WORKFLOW / "profiles" / "slurm")]
             t_dag, dt, stats = dry_run(root, config, slurm, root / "dry-after-split-slurm.log")
             results.append(("after split, --profile profiles/slurm", t_dag, dt, total_jobs(stats)))
-            print(f"\n[after-split, slurm profile] DAG {t_dag:.1f} s, dry run {dt:.1f} s")
+            print(f"\n[after-split, slurm profile] DAG {t_dag:.1f} s, dry run {dt:.1f} s; jobs per rule:")
+            too_many.update(check_job_counts(stats, args.n_subjects, args.chunk_size))
 
         if args.profile:
             prof = root / "after-split.prof"
@@ -224,7 +267,10 @@ def main() -> int:
             worst = max(worst, t_dag)
             flag = "ok" if t_dag <= TARGET_S else "SLOW"
             print(f"  {name:50s} {t_dag:8.1f} s {dt:11.1f} s {jobs:7d}  {flag}")
-        return 0 if worst <= TARGET_S else 1
+        bound = job_bound(args.n_subjects, args.chunk_size)
+        print(f"  jobs per rule <= ceil({args.n_subjects}/{args.chunk_size}) + {JOB_SLACK} = {bound}: "
+              + (f"TOO MANY for {sorted(too_many)}" if too_many else "ok"))
+        return 0 if worst <= TARGET_S and not too_many else 1
     finally:
         if args.keep:
             print(f"kept {root}")

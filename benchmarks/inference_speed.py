@@ -35,17 +35,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_utils import E2_SIZES, sync, synthetic_labels
 
 from nnqc_pipe.models import presets
 from nnqc_pipe.models.autoencoder import autoencoder_kwargs, build_autoencoder
 from nnqc_pipe.models.ldm import ConditionalLDM, toe_kwargs, unet_kwargs
 from nnqc_pipe.models.pgt import PGTModels, generate_pgt
 
-# E2 cache shapes: pooled projection, token width, tokens (4 x 4 grid = encoder.token_grid).
-E2_SIZES = {
-    "vit-b16": {"pooled_dim": 512, "token_dim": 768, "n_tokens": 16},  # UniMedCLIP ViT-B/16
-    "tiny": {"pooled_dim": 64, "token_dim": 64, "n_tokens": 16},  # the untrained tiny fallback ViT
-}
 REFERENCE_CPU_S = 5.0  # paper architecture, 20 DDIM steps, this 2-core CPU (design card reference)
 PAPER_A100_S = 0.404  # nnQC paper, A100
 TARGET_CPU_S = 0.5  # cpu preset on CPU
@@ -64,17 +60,8 @@ def synthetic_inputs(n: int, patch: tuple[int, int], n_classes: int, e2: dict[st
                      rng: np.random.Generator) -> dict[str, Any]:
     """A fake subject of ``n`` slices: nested-ellipse candidates, image noise, ratios, E2 embeddings (float16)."""
     height, width = patch
-    yy, xx = np.mgrid[:height, :width]
-    yy, xx = yy / height, xx / width
-    candidate = np.zeros((n, height, width), np.uint8)
-    for i in range(n):
-        cy, cx = rng.uniform(0.35, 0.65, 2)
-        a, b = rng.uniform(0.1, 0.3, 2)
-        r = ((yy - cy) / a) ** 2 + ((xx - cx) / b) ** 2
-        for c in range(1, n_classes):
-            candidate[i][r < 1.0 - 0.6 * (c - 1) / max(n_classes - 1, 1)] = c
     return {
-        "candidate": candidate,
+        "candidate": synthetic_labels(n, patch, n_classes, rng),
         "slice_ratio": np.linspace(0, 1, n, dtype=np.float32),
         "image": rng.standard_normal((n, height, width)).astype(np.float32),
         "embeddings": {
@@ -84,20 +71,17 @@ def synthetic_inputs(n: int, patch: tuple[int, int], n_classes: int, e2: dict[st
     }
 
 
-def sample(models: PGTModels, inputs: dict[str, Any], steps: int, batch_size: int) -> Any:
-    """One ``generate_pgt`` call on the inputs; the only place that knows its signature.
+def sample(models: PGTModels, inputs: dict[str, Any], steps: int, batch_size: int, n_samples: int = 1,
+           seed: int = 0) -> Any:
+    """One ``generate_pgt`` call on the inputs (``n_samples`` draws per slice); the only place that knows its
+    signature.
 
     The image slices are passed when ``generate_pgt`` takes them (models with ``ldm.image_input``).
     """
-    kwargs: dict[str, Any] = {"ddim_steps": steps, "n_samples": 1, "batch_size": batch_size, "seed": 0}
+    kwargs: dict[str, Any] = {"ddim_steps": steps, "n_samples": n_samples, "batch_size": batch_size, "seed": seed}
     if "image" in inspect.signature(generate_pgt).parameters:
         kwargs["image"] = inputs["image"]
     return generate_pgt(models, inputs["candidate"], inputs["slice_ratio"], inputs["embeddings"], **kwargs)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def subset(inputs: dict[str, Any], index: slice) -> dict[str, Any]:
@@ -113,10 +97,10 @@ def decoder_seconds(models: PGTModels, batch_size: int, patch: tuple[int, int]) 
     latents = torch.randn(batch_size, models.cfg["vae"]["latent_channels"], patch[0] // factor, patch[1] // factor,
                           device=models.device)
     models.vae.decode(latents[:2])
-    _sync(models.device)
+    sync(models.device)
     started = time.perf_counter()
     models.vae.decode(latents)
-    _sync(models.device)
+    sync(models.device)
     return time.perf_counter() - started
 
 
@@ -130,13 +114,13 @@ def time_case(preset: str, patch: tuple[int, int], device: torch.device, args: a
     warmup = synthetic_inputs(args.warmup_slices or batch, patch, args.n_classes, e2, rng)
     inputs = synthetic_inputs(batch * args.batches, patch, args.n_classes, e2, rng)
     sample(models, warmup, args.steps, batch)
-    _sync(device)
+    sync(device)
     per_batch = []
     cpu_started = time.process_time()
     for start in range(0, batch * args.batches, batch):
         started = time.perf_counter()
         sample(models, subset(inputs, slice(start, start + batch)), args.steps, batch)
-        _sync(device)
+        sync(device)
         per_batch.append(time.perf_counter() - started)
         print(f"  {preset} {patch[0]}x{patch[1]} {device.type}: batch {len(per_batch)}/{args.batches} "
               f"{per_batch[-1]:.1f} s", file=sys.stderr, flush=True)

@@ -73,8 +73,9 @@ from scipy import ndimage, stats
 from nnqc_pipe.chunks import fill
 from nnqc_pipe.config import discover_subjects, label_map
 from nnqc_pipe.data.io import read_json, read_parquet_metadata, write_json, write_nifti
+from nnqc_pipe.dice import dice
 from nnqc_pipe.qc.decisions import VerdictThresholds
-from nnqc_pipe.qc.metrics import FOREGROUND, dice
+from nnqc_pipe.qc.metrics import FOREGROUND
 from nnqc_pipe.report.tables import (
     ALL_DEGRADED,
     ALL_SOURCES,

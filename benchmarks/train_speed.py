@@ -20,9 +20,11 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from bench_utils import CPU, E2_SIZES, synthetic_labels, timed
 
 from nnqc_pipe.models import presets
 from nnqc_pipe.models.autoencoder import autoencoder_kwargs, build_autoencoder, one_hot
@@ -33,59 +35,45 @@ from nnqc_pipe.models.train_vae import VAETrainer
 
 REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus"
-# E2 sizes of UniMedCLIP ViT-B/16 (pooled projection, width) with the default 4 x 4 token grid.
-VIT_B16 = {"pooled_dim": 512, "token_dim": 768, "n_tokens": 16}
+VIT_B16 = E2_SIZES["vit-b16"]
 
 
-def synthetic_labels(n: int, size: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """Ellipses with a core: class-index slices shaped like organ cross-sections."""
-    yy, xx = np.mgrid[:size, :size] / size
-    labels = np.zeros((n, size, size), np.uint8)
-    for i in range(n):
-        cy, cx, a, b = rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.3)
-        r = ((yy - cy) / a) ** 2 + ((xx - cx) / b) ** 2
-        for c in range(1, n_classes):
-            labels[i][r < 1.0 - 0.6 * (c - 1) / max(n_classes - 1, 1)] = c
-    return labels
-
-
-def timed(step, iters: int) -> float:
-    """Seconds per call of ``step`` after one warm-up call."""
-    step()
-    started = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return (time.perf_counter() - started) / iters
-
-
-def vae_speed(cfg: dict, labels: np.ndarray, iters: int) -> float:
+def vae_speed(cfg: dict, labels: np.ndarray, iters: int, device: torch.device = CPU,
+              deadline: float | None = None) -> float:
     """VAE-GAN training slices/s (generator and discriminator updates, adversarial term on)."""
-    trainer = VAETrainer(cfg, torch.device("cpu"))
-    target = one_hot(torch.as_tensor(labels), cfg["n_classes"])
-    return len(labels) / timed(lambda: trainer.train_step(target, adversarial=True), iters)
+    trainer = VAETrainer(cfg, device)
+    target = one_hot(torch.as_tensor(labels, device=device), cfg["n_classes"])
+    return len(labels) / timed(lambda: trainer.train_step(target, adversarial=True), iters, device, deadline)
 
 
-def ldm_speed(cfg: dict, labels: np.ndarray, iters: int, rng: np.random.Generator) -> float:
-    """LDM training slices/s: on-the-fly corruption and its encoding, noising, UNet + ToE step, EMA."""
-    trainer = LDMTrainer(cfg, toe_kwargs(cfg, **VIT_B16), torch.device("cpu"))
-    vae = build_autoencoder(autoencoder_kwargs(cfg)).eval()
-    models = PGTModels(vae=vae, ldm=trainer.ema.module, scale_factor=1.0, cfg=cfg, device=torch.device("cpu"))
+def ldm_speed(cfg: dict, labels: np.ndarray, iters: int, rng: np.random.Generator,
+              device: torch.device = CPU, images: np.ndarray | None = None,
+              deadline: float | None = None) -> float:
+    """LDM training slices/s: on-the-fly corruption and its encoding, noising, UNet + ToE step, EMA.
+
+    ``images`` [B, H, W] are the image slices of the batch (random noise when None and the model takes them).
+    """
+    trainer = LDMTrainer(cfg, toe_kwargs(cfg, **VIT_B16), device)
+    vae = build_autoencoder(autoencoder_kwargs(cfg)).to(device).eval()
+    models = PGTModels(vae=vae, ldm=trainer.ema.module, scale_factor=1.0, cfg=cfg, device=device)
     n, factor = len(labels), 2 ** (len(cfg["vae"]["channels"]) - 1)
     size = labels.shape[-1] // factor
-    z0 = torch.randn(n, cfg["vae"]["latent_channels"], size, size)
-    emb = {
-        "pooled": torch.randn(n, VIT_B16["pooled_dim"]),
-        "tokens": torch.randn(n, VIT_B16["n_tokens"], VIT_B16["token_dim"]),
+    z0 = torch.randn(n, cfg["vae"]["latent_channels"], size, size, device=device)
+    emb: dict[str, Any] = {
+        "pooled": torch.randn(n, VIT_B16["pooled_dim"], device=device),
+        "tokens": torch.randn(n, VIT_B16["n_tokens"], VIT_B16["token_dim"], device=device),
     }
-
-    image = torch.randn(labels.shape) if models.needs_image else None
+    image = None
+    if models.needs_image:
+        image = torch.as_tensor(images, dtype=torch.float32, device=device) if images is not None else torch.randn(
+            labels.shape, device=device)
 
     def step() -> None:
         candidates = corrupt_batch(labels, cfg["n_classes"], rng.uniform(0, 1, n), rng)
-        cand = models.condition(torch.as_tensor(candidates), image)
+        cand = models.condition(torch.as_tensor(candidates, device=device), image)
         trainer.train_step(z0, cand, rng.uniform(0, 1, n).astype(np.float32), emb)
 
-    return n / timed(step, iters)
+    return n / timed(step, iters, device, deadline)
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -107,9 +95,11 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def prepare_hippocampus(
-    data: Path, out: Path, n_train: int, seed: int, divisor: int
+    data: Path, out: Path, n_train: int, seed: int, divisor: int, n_val: int | None = None,
+    plan_overrides: dict[str, Any] | None = None,
 ) -> tuple[dict, list[str], list[str]]:
-    """Fingerprint, plan (patch a multiple of ``divisor``) and preprocess the cohort with the package's modules."""
+    """Fingerprint, plan (patch a multiple of ``divisor``, then ``plan_overrides``) and preprocess ``n_train``
+    training and ``n_val`` validation subjects (default: all the others) with the package's modules."""
     from nnqc_pipe.config import validate_config
     from nnqc_pipe.data.fingerprint import compute_fingerprint
     from nnqc_pipe.data.inspect import inspect_subject
@@ -119,7 +109,7 @@ def prepare_hippocampus(
     subjects = sorted(p.name.removesuffix(".nii.gz") for p in (data / "imagesTr").glob("*.nii.gz"))
     order = np.random.default_rng(seed).permutation(len(subjects))
     train = [subjects[i] for i in order[:n_train]]
-    val = [subjects[i] for i in order[n_train:]]
+    val = [subjects[i] for i in order[n_train : None if n_val is None else n_train + n_val]]
     config = validate_config(
         {
             "cohort": "hippocampus",
@@ -131,12 +121,12 @@ def prepare_hippocampus(
     images = {s: data / "imagesTr" / f"{s}.nii.gz" for s in subjects}
     labels = {s: data / "labelsTr" / f"{s}.nii.gz" for s in subjects}
     records = [inspect_subject(s, images[s], labels[s], [1, 2]) for s in train + val]
-    plan_cfg = config["plan"] | {"divisor": divisor}
+    plan_cfg = config["plan"] | {"divisor": divisor} | (plan_overrides or {})
     plan = make_plan(compute_fingerprint(records, "MR", {1: "anterior", 2: "posterior"}), plan_cfg)
     (out / "preprocessed").mkdir(parents=True, exist_ok=True)
-    for s in subjects:
+    for s in train + val:
         save_preprocessed(preprocess_subject(s, images[s], labels[s], plan), out / "preprocessed" / f"{s}.npz")
-    npz = {s: str(out / "preprocessed" / f"{s}.npz") for s in subjects}
+    npz = {s: str(out / "preprocessed" / f"{s}.npz") for s in train + val}
     return plan, [npz[s] for s in train], [npz[s] for s in val]
 
 

@@ -15,6 +15,7 @@ from nnqc_pipe.chunks import CHUNK_ID_PATTERN, chunk_group, chunk_of, fill, make
 from nnqc_pipe.config import (
     config_hash,
     discover_subjects,
+    job_device,
     job_python_problem,
     label_map,
 )
@@ -213,6 +214,12 @@ def pattern(name):
     return lambda wildcards: PATTERNS[name]
 
 
+def rule_device(wildcards, resources):
+    """--device of a network rule: `auto` is `cuda` in a job the profile gives a GPU (nnqc_pipe.config.job_device),
+    so that on a node without CUDA it fails at once; `device: cpu` runs anywhere."""
+    return job_device(config["device"], resources.get("gpu"), resources.get("gres"))
+
+
 def as_json(obj):
     """A config section as a JSON string for a command-line option."""
     return json.dumps(obj, sort_keys=True)
@@ -370,7 +377,8 @@ def inspect_labels(wildcards):
 
 
 def candidate_inputs(stage, chunk):
-    """What the candidates of an infer/score chunk need: label files, degrade chunk records, user masks."""
+    """What the candidates of an infer chunk need: label files, degrade chunk records, user masks (the score chunks
+    depend on them through the infer chunk records)."""
     subjects = members(stage, chunk)
     sources = _qc_sources(_split_mtime(stage))
     files, degraded = set(), []

@@ -39,7 +39,7 @@ rule infer:
         qcnet=lambda w, input: input.qcnet or "none",
         model_dir=lambda w, input: os.path.dirname(input.ldm),
         inference=as_json(config["inference"]),
-        device=config["device"],
+        device=rule_device,
         seed=config["seed"],
     shell:
         "OMP_NUM_THREADS={threads} python -m nnqc_pipe infer --tasks {params.tasks:q} --npz {params.npz:q} "

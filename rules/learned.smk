@@ -27,7 +27,7 @@ if LEARNED and not QC_MODEL_SOURCE:
             out_dir=lambda w, output: os.path.dirname(output[0]),
             settings=as_json(SETTINGS),
             preset_digest=PRESET_DIGEST,
-            device=config["device"],
+            device=rule_device,
             seed=config["seed"],
         shell:
             "OMP_NUM_THREADS={threads} python -m nnqc_pipe train-segmenter --fold {wildcards.fold} "
@@ -99,7 +99,7 @@ if LEARNED and not QC_MODEL_SOURCE:
             out_dir=lambda w, output: os.path.dirname(output.qcnet),
             settings=as_json(SETTINGS),
             preset_digest=PRESET_DIGEST,
-            device=config["device"],
+            device=rule_device,
             seed=config["seed"],
         shell:
             "OMP_NUM_THREADS={threads} python -m nnqc_pipe train-qcnet --split-tsv {input.split_tsv} "

@@ -23,7 +23,7 @@ rule embed:
         npz=pattern("npz"),
         out=pattern("embeddings"),
         settings=as_json(SETTINGS),
-        device=config["device"],
+        device=rule_device,
         expert_sha256=EXPERT_SHA256 or "none",
     shell:
         "python -m nnqc_pipe embed --subjects {params.subjects:q} --npz {params.npz:q} --plan-json {input.plan} "
@@ -82,7 +82,7 @@ else:
             out_dir=lambda w, output: os.path.dirname(output.vae),
             settings=as_json(SETTINGS),
             preset_digest=PRESET_DIGEST,
-            device=config["device"],
+            device=rule_device,
             seed=config["seed"],
         shell:
             "OMP_NUM_THREADS={threads} python -m nnqc_pipe train-vae --split-tsv {input.split_tsv} "
@@ -117,7 +117,7 @@ else:
             out_dir=lambda w, output: os.path.dirname(output.ldm),
             settings=as_json(SETTINGS),
             preset_digest=PRESET_DIGEST,
-            device=config["device"],
+            device=rule_device,
             seed=config["seed"],
         shell:
             "OMP_NUM_THREADS={threads} python -m nnqc_pipe train-ldm --split-tsv {input.split_tsv} "

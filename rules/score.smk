@@ -6,7 +6,8 @@ rule score:
     input:
         preprocessed=lambda w: chunk_records("preprocess", members("score", w.chunk)),
         plan=f"{OUT}/plan.json",
-        candidates=lambda w: candidate_inputs("score", w.chunk),
+        # The candidate masks are inputs of the infer chunks below (a changed mask reruns its infer chunk, hence
+        # this one): listing them here again only cost DAG time per subject.
         pgt=lambda w: chunk_records("infer", members("score", w.chunk)),
         gt=lambda w: (
             chunk_files("label", "score", w.chunk)

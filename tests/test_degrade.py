@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from nnqc_pipe import degrade as D
-from nnqc_pipe.qc.metrics import class_dice, dice
+from nnqc_pipe.dice import class_dice, dice
 
 N_CLASSES = 3
 

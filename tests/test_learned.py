@@ -10,6 +10,7 @@ import torch
 
 from nnqc_pipe.data.preprocess import Preprocessed, invert_maps, original_slice_order
 from nnqc_pipe.data.split import assign_folds
+from nnqc_pipe.dice import dice
 from nnqc_pipe.models.candidates import make_candidates, seggen
 from nnqc_pipe.models.error_counts import count_terms, dsc_from_terms, error_groups
 from nnqc_pipe.models.qcnet import (
@@ -23,7 +24,6 @@ from nnqc_pipe.models.qcnet import (
 from nnqc_pipe.models.segmenter import SegmenterTrainer, prediction_key
 from nnqc_pipe.qc.calibration import combine, combine_label
 from nnqc_pipe.qc.learned import estimated_truth, learned_dice, learned_slice_counts, real_group_scores
-from nnqc_pipe.qc.metrics import dice
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

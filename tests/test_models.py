@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 
+from nnqc_pipe.dice import class_dice
 from nnqc_pipe.models import presets
 from nnqc_pipe.models.autoencoder import (
     MaskPerceptualLoss,
@@ -29,7 +30,6 @@ from nnqc_pipe.models.ldm import (
 )
 from nnqc_pipe.models.pgt import PGTModels, generate_pgt, reconstruct, slice_uncertainty, start_timesteps
 from nnqc_pipe.models.train_ldm import LDMTrainer
-from nnqc_pipe.qc.metrics import class_dice
 
 PLAN = {"patch_size": [32, 32], "n_classes": 3}
 TINY = {

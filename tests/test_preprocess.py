@@ -16,8 +16,8 @@ from nnqc_pipe.data.fingerprint import compute_fingerprint
 from nnqc_pipe.data.inspect import inspect_subject
 from nnqc_pipe.data.io import InputError
 from nnqc_pipe.data.plan import make_plan
+from nnqc_pipe.dice import class_dice
 from nnqc_pipe.models.presets import plan_overrides
-from nnqc_pipe.qc.metrics import class_dice
 
 
 def _cohort_plan(pairs, label_names, **plan_overrides):

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from nnqc_pipe.data.io import read_parquet_metadata, write_parquet
+from nnqc_pipe.qc.columns import scores_schema
 from nnqc_pipe.qc.metrics import FOREGROUND, METRICS
+from nnqc_pipe.qc.score import score_rows
 from nnqc_pipe.report.figures import plot_mae_per_level, plot_predicted_vs_real
 from nnqc_pipe.report.tables import (
     ALL_DEGRADED,
@@ -22,8 +24,6 @@ from nnqc_pipe.report.tables import (
     build_subjects,
     build_summary,
     ranking_schema,
-    score_rows,
-    scores_schema,
     slices_schema,
     subjects_schema,
     write_report,

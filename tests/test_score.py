@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nnqc_pipe.qc import columns
 from nnqc_pipe.qc import score as score_module
 from nnqc_pipe.qc.score import score_subject
 from nnqc_pipe.report import tables
@@ -168,7 +169,7 @@ def test_hand_computed_check_catches_a_wrong_predicted_dsc(tmp_path: Path, monke
 def test_a_computed_column_left_out_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     table = shifted_pgt_case(tmp_path)
     with pytest.raises(ValueError, match=r"scores table: column\(s\) \['uncertainty'\] were not computed"):
-        tables._typed(table.drop(columns="uncertainty"), tables.scores_schema())
+        columns.typed(table.drop(columns="uncertainty"), columns.scores_schema())
     real_verdicts = tables.assign_verdicts
     monkeypatch.setattr(tables, "assign_verdicts", lambda *a, **k: real_verdicts(*a, **k).drop(columns="risk"))
     with pytest.raises(ValueError, match=r"subjects table: column\(s\) \['risk'\] were not computed"):
@@ -180,5 +181,5 @@ def test_columns_without_ground_truth_may_stay_null(tmp_path: Path) -> None:
     subjects = tables.build_subjects(_score(tmp_path, _mask(), _mask(), None), qc_pass_dsc=0.8)
     assert subjects["real_dsc"].isna().all() and subjects["gt_voxels"].isna().all()
     assert not subjects["flag_out_of_distribution"].any() and (subjects["predicted_dsc"] == 1.0).all()
-    assert all(tables.is_nullable(c) for c in ("real_dsc", "gt_voxels", "ood_reason"))
-    assert not any(tables.is_nullable(c) for c in ("predicted_dsc", "risk", "verdict", "uncertainty"))
+    assert all(columns.is_nullable(c) for c in ("real_dsc", "gt_voxels", "ood_reason"))
+    assert not any(columns.is_nullable(c) for c in ("predicted_dsc", "risk", "verdict", "uncertainty"))

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from nnqc_pipe.data import demo
 from nnqc_pipe.data.io import read_json, read_parquet_metadata
-from nnqc_pipe.report.tables import is_nullable
+from nnqc_pipe.qc.columns import is_nullable
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -157,7 +157,7 @@ def check_flagged_candidates_have_review_items(report: Path) -> None:
 
 def check_required_columns_filled(report: Path, tables: tuple[str, ...] = ("subjects", "slices", "summary",
                                                                            "ranking")) -> None:
-    """No column the report must compute (not nullable, see report.tables.is_nullable) is all null."""
+    """No column the report must compute (not nullable, see qc.columns.is_nullable) is all null."""
     for table in tables:
         df = pd.read_parquet(report / f"{table}.parquet")
         empty = [c for c in df.columns if df[c].isna().all() and not is_nullable(c)]

@@ -14,7 +14,8 @@
 # so the users' profile, with its real A100-sized requests, is scheduled unchanged. Hence TaskPlugin=task/none: with
 # task/affinity a job asking for every CPU of the (inflated) node fails ("Unable to layout tasks on given cpus");
 # the price is a harmless "lacks support for cpu binding" line in each job's log. The fake GPUs are character
-# devices (/dev/null's numbers): jobs get CUDA_VISIBLE_DEVICES but no CUDA device, and run on the CPU.
+# devices (/dev/null's numbers): jobs get CUDA_VISIBLE_DEVICES but no CUDA device, and run on the CPU (the demo
+# config says device: cpu; with auto or cuda a GPU job fails at once, see nnqc_pipe.config.job_device).
 #
 # Environment: NNQC_SLURM_STATE (default /tmp/nnqc-slurm: spool, state, logs, pid files, record of what was
 # started), NNQC_SLURM_CPUS (32), NNQC_SLURM_MEM_MB (256000), NNQC_SLURM_GPUS (2),

@@ -79,6 +79,8 @@ for key in ("images", "labels"):
     if isinstance(cfg.get(key), str) and cfg[key].startswith(old + "/"):
         cfg[key] = results + cfg[key][len(old):]
 cfg["results"] = results
+# The fake A100s have no CUDA: a GPU job with device auto or cuda would fail at once (resolve_device); cpu runs.
+cfg["device"] = "cpu"
 yaml.safe_dump(cfg, open(out, "w"), sort_keys=False)
 EOF
 COHORT=$(python -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["cohort"])' "$CONFIG")

@@ -203,11 +203,24 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
     try:
+        if "device" in kwargs:
+            check_device(kwargs["device"])
         resolve_command(args.command)(**kwargs)
     except ValueError as exc:
         logging.getLogger("nnqc_pipe").error("%s", exc)
         return 2
     return 0
+
+
+def check_device(device: str) -> None:
+    """Resolve a network command's ``--device`` before it reads anything, so a GPU job on a host without CUDA fails
+    at once with the message of :func:`nnqc_pipe.models.device.resolve_device` (torch is imported here only)."""
+    from nnqc_pipe.models.device import DeviceUnavailableError, resolve_device
+
+    try:
+        resolve_device(device)
+    except DeviceUnavailableError as exc:
+        raise ValueError(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -91,3 +91,15 @@ def job_python_problem(python: str = "python") -> str | None:
     if lines[1].strip():
         return f"the jobs' {python!r} ({lines[0]}) cannot import {lines[1].replace(' ', ', ')}"
     return None
+
+
+def job_device(device: str, gpu: Any = None, gres: Any = None) -> str:
+    """The ``--device`` of a network rule's job: the config's ``device``, except that ``auto`` becomes ``cuda`` in a
+    job given a GPU (resource ``gpu`` > 0, e.g. ``1`` or ``a100:1``, or a ``gres`` naming a GPU, as the SLURM
+    profile does), so that such a job on a node without CUDA fails at once instead of running on its CPU.
+    ``cpu`` and ``cuda`` are kept: ``device: cpu`` runs anywhere."""
+    if device != "auto":
+        return device
+    count = str(gpu).rsplit(":", 1)[-1] if gpu not in (None, "") else "0"
+    has_gpu = (count.isdigit() and int(count) > 0) or "gpu" in str(gres or "").lower()
+    return "cuda" if has_gpu else "auto"

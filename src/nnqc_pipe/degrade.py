@@ -25,7 +25,7 @@ of bisecting, picks the in-bin severity nearest to a random target inside the bi
 when the curve jumps over the bin (a dropped slice or a removed structure can).
 
 Conventions: class indices ``0..C-1`` with 0 = background; DSC of two empty masks is 1, of exactly one empty
-mask 0 (the conventions of :mod:`nnqc_pipe.qc.metrics`); 3D operations take the voxel ``spacing`` in mm so that
+mask 0 (the conventions of :mod:`nnqc_pipe.dice`); 3D operations take the voxel ``spacing`` in mm so that
 kernels, blob sizes and distances are physical (a 5 mm slice spacing is not dilated across like a 1 mm one).
 """
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from nnqc_pipe.qc.metrics import class_dice, dice, dice_from_counts
+from nnqc_pipe.dice import class_dice, dice, dice_from_counts
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from nnqc_pipe import degrade
 from nnqc_pipe.data.io import file_sha256, write_json
+from nnqc_pipe.dice import class_dice
 from nnqc_pipe.models.autoencoder import build_autoencoder, one_hot
 from nnqc_pipe.models.device import resolve_device, seed_everything
 from nnqc_pipe.models.embed import load_embeddings
@@ -49,7 +50,6 @@ from nnqc_pipe.models.training import (
     read_checkpoint,
     seed_epoch,
 )
-from nnqc_pipe.qc.metrics import class_dice
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import GeneralizedDiceLoss, PatchAdversarialLoss
 
+from nnqc_pipe.dice import class_dice
 from nnqc_pipe.models.autoencoder import (
     autoencoder_kwargs,
     build_autoencoder,
@@ -32,7 +33,6 @@ from nnqc_pipe.models.autoencoder import (
 from nnqc_pipe.models.device import resolve_device, seed_everything
 from nnqc_pipe.models.presets import training_hash
 from nnqc_pipe.models.training import RunState, SliceSet, batches_of, fit, load_slices, load_state, progress, seed_epoch
-from nnqc_pipe.qc.metrics import class_dice
 
 log = logging.getLogger(__name__)
 

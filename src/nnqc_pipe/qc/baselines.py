@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from nnqc_pipe.chunks import fill
-from nnqc_pipe.qc.metrics import FOREGROUND, dice, dice_from_counts
+from nnqc_pipe.dice import dice, dice_from_counts
+from nnqc_pipe.qc.metrics import FOREGROUND
 
 log = logging.getLogger(__name__)
 

@@ -109,7 +109,7 @@ def learned_dice(slices: pd.DataFrame, label_names: Mapping[int, str], label_val
 def learned_scores(dice: Mapping[tuple[str, int | None], float], nsd_rows: Sequence[Mapping[str, Any]]
                    ) -> dict[str, dict[tuple[str, int | None], float]]:
     """``learned_dsc`` and ``learned_nsd`` per (label, slice index or None), the layout
-    :func:`nnqc_pipe.report.tables.score_rows` takes: the counted DSC, and the NSD of the candidate against the
+    :func:`nnqc_pipe.qc.score.score_rows` takes: the counted DSC, and the NSD of the candidate against the
     estimated truth (rows of :func:`nnqc_pipe.qc.metrics.compute_metrics` / ``compute_slice_metrics``)."""
     nsd = {(row["label"], row.get("slice_index")): float(row["nsd"]) for row in nsd_rows}
     return {LEARNED_DSC: dict(dice), LEARNED_NSD: nsd}

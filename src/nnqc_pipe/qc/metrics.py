@@ -45,6 +45,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from nnqc_pipe.dice import dice_from_counts
+
 METRICS: tuple[str, ...] = ("dsc", "hd95_mm", "nsd", "iou", "ravd")
 HIGHER_IS_BETTER: dict[str, bool] = {"dsc": True, "hd95_mm": False, "nsd": True, "iou": True, "ravd": False}
 FLAGS: tuple[str, ...] = ("hd95_undefined", "ravd_undefined")
@@ -105,7 +107,7 @@ def sample_disagreement(
     """Disagreement between pseudo-GT samples: 1 − mean pairwise DSC, per label, per volume and per slice.
 
     Keys are ``(label, None)`` for the volume and ``(label, slice_index)`` for slices, the layout
-    :func:`nnqc_pipe.report.tables.score_rows` takes as ``uncertainty``. Two empty masks agree (DSC 1).
+    :func:`nnqc_pipe.qc.score.score_rows` takes as ``uncertainty``. Two empty masks agree (DSC 1).
     """
     if len(samples) < 2:
         raise ValueError(f"sample_disagreement needs at least 2 samples, got {len(samples)}")
@@ -244,25 +246,6 @@ def error_map(candidate: np.ndarray, pgt: np.ndarray) -> np.ndarray:
     out[pgt_fg & ~cand_fg] = 2
     out[cand_fg & pgt_fg & (candidate != pgt)] = 3
     return out
-
-
-def dice_from_counts(intersection: np.ndarray, size_a: np.ndarray, size_b: np.ndarray) -> np.ndarray:
-    """Vectorised DSC from voxel counts: 2·|A∩B| / (|A| + |B|), 1 where both masks are empty (0 where one is)."""
-    total = np.asarray(size_a, dtype=np.float64) + np.asarray(size_b, dtype=np.float64)
-    return np.where(total > 0, 2.0 * np.asarray(intersection, dtype=np.float64) / np.maximum(total, 1.0), 1.0)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """DSC of two boolean masks of one shape; both empty → 1.0, exactly one empty → 0.0 (never NaN)."""
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
-    return float(dice_from_counts(np.count_nonzero(a & b), np.count_nonzero(a), np.count_nonzero(b)))
-
-
-def class_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
-    """DSC per foreground class ``1..n_classes-1`` of two class-index arrays (conventions of :func:`dice`)."""
-    return np.array([dice(pred == c, truth == c) for c in range(1, n_classes)], dtype=np.float64)
 
 
 def _surface_scores(

@@ -23,9 +23,9 @@ from matplotlib.patches import Patch
 from nnqc_pipe.chunks import fill
 from nnqc_pipe.data.io import atomic_path
 from nnqc_pipe.data.preprocess import load_preprocessed, to_patch_space
+from nnqc_pipe.qc.columns import PREDICTED, REAL
 from nnqc_pipe.qc.decisions import risk_coverage_curve
 from nnqc_pipe.qc.metrics import FOREGROUND, METRICS, error_map
-from nnqc_pipe.report.tables import PREDICTED, REAL
 
 ERROR_COLOURS = ListedColormap([(0, 0, 0, 0), (0.9, 0.1, 0.1, 0.8), (0.1, 0.4, 0.95, 0.8), (1.0, 0.85, 0.1, 0.8)])
 # Legend of every overlay: the error codes of qc.metrics.error_map and the pGT outline.

@@ -1,11 +1,12 @@
 """Aggregation of per-subject scores into the Parquet report tables and the decisions built on them.
 
 Input: one scores table per (source, subject), ``scores/{source}/{subject}.parquet``, built by
-:func:`score_rows` from :mod:`nnqc_pipe.qc.metrics` rows. ``predicted_<metric>`` scores the candidate against
-the pseudo ground truth (what nnQC predicts), ``real_<metric>`` against the ground truth (NaN when the subject
-has none). Output (schema in docs/report.md): ``subjects``, ``slices``, ``summary``, ``ranking``, ``selection``
-and ``review`` tables and ``exclusions.tsv``, each Parquet file written with the caller's provenance metadata
-(pipeline version, config and checkpoint hashes).
+:func:`nnqc_pipe.qc.score.score_rows` from :mod:`nnqc_pipe.qc.metrics` rows (columns and typing:
+:mod:`nnqc_pipe.qc.columns`). ``predicted_<metric>`` scores the candidate against the pseudo ground truth (what nnQC
+predicts), ``real_<metric>`` against the ground truth (NaN when the subject has none). Output (schema in
+docs/report.md): ``subjects``, ``slices``, ``summary``, ``ranking``, ``selection`` and ``review`` tables and
+``exclusions.tsv``, each Parquet file written with the caller's provenance metadata (pipeline version, config and
+checkpoint hashes).
 
 Rules:
 
@@ -38,6 +39,17 @@ from scipy import stats
 from nnqc_pipe.data.io import atomic_path, concat_parquet, write_parquet
 from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, VAE_RECON_COLUMN
 from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, COMBINED_COLUMN, calibrate, combine
+from nnqc_pipe.qc.columns import (
+    COUNT_COLUMNS,
+    FAILURE_COLUMNS,
+    ID_COLUMNS,
+    LEARNED_COLUMNS,
+    PREDICTED,
+    REAL,
+    metric_names,
+    pair_columns,
+    typed,
+)
 from nnqc_pipe.qc.decisions import (
     VerdictThresholds,
     assign_verdicts,
@@ -48,46 +60,22 @@ from nnqc_pipe.qc.decisions import (
     select_sources,
     selection_summary,
 )
-from nnqc_pipe.qc.learned import LEARNED_DSC, LEARNED_NSD
+from nnqc_pipe.qc.learned import LEARNED_DSC
 from nnqc_pipe.qc.metrics import FLAGS, FOREGROUND, HIGHER_IS_BETTER, METRICS
 from nnqc_pipe.qc.ood import ood_table
 
 log = logging.getLogger(__name__)
 
-PREDICTED, REAL = "predicted", "real"
-ID_COLUMNS = ["cohort", "source", "subject", "label"]
 DEGRADED_PREFIX = "degraded_"
 ALL_SOURCES = "all"
 ALL_DEGRADED = "all_degraded"
 MIN_PEARSON_PAIRS = 3
 TUKEY_K = 1.5
-COUNT_COLUMNS = {"cand_voxels": "Int64", "pgt_voxels": "Int64", "gt_voxels": "Int64"}
-LEARNED_COLUMNS = {LEARNED_DSC: "float64", LEARNED_NSD: "float64"}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Column layouts (fixed dtypes so that the schema does not depend on whether ground truth exists)
 # ---------------------------------------------------------------------------------------------------
-
-
-def _pair_columns(metrics: Sequence[str]) -> dict[str, str]:
-    return {f"{kind}_{m}": "float64" for m in metrics for kind in (PREDICTED, REAL)}
-
-
-def scores_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
-    """Column → dtype of a scores table (``scores/{source}/{subject}.parquet``)."""
-    return {
-        **{c: "str" for c in ID_COLUMNS},
-        "level": "str",
-        "slice_index": "Int64",
-        "slice_ratio": "float64",
-        **_pair_columns(metrics),
-        **{f"{kind}_{flag}": "bool" for flag in FLAGS for kind in (PREDICTED, REAL)},
-        **COUNT_COLUMNS,
-        "uncertainty": "float64",
-        VAE_RECON_COLUMN: "float64",
-        **LEARNED_COLUMNS,
-    }
 
 
 def _flag_columns() -> dict[str, str]:
@@ -105,7 +93,7 @@ def subjects_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
     """Column → dtype of ``subjects.parquet``."""
     return {
         **{c: "str" for c in ID_COLUMNS},
-        **_pair_columns(metrics),
+        **pair_columns(metrics),
         **COUNT_COLUMNS,
         "uncertainty": "float64",
         "n_slices": "int64",
@@ -129,7 +117,7 @@ def slices_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         **{c: "str" for c in ID_COLUMNS},
         "slice_index": "int64",
         "slice_ratio": "float64",
-        **_pair_columns(metrics),
+        **pair_columns(metrics),
         **COUNT_COLUMNS,
         "uncertainty": "float64",
         VAE_RECON_COLUMN: "float64",
@@ -138,9 +126,6 @@ def slices_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
     }
 
 
-# Failure-detection columns of the summary (DSC rows; bias and Spearman ρ for every metric), see
-# nnqc_pipe.qc.decisions.failure_detection.
-FAILURE_COLUMNS = ("n_fail", "failure_auc", "sensitivity", "specificity", "accuracy", "aurc")
 SUMMARY_SCHEMA = {
     "cohort": "str",
     "source": "str",
@@ -192,133 +177,6 @@ def ranking_schema(metric: str = "dsc") -> dict[str, str]:
     }
 
 
-# The only columns a table builder may leave out; _typed fills them with nulls (False for flags). The ground-truth
-# side (``real_*``, ``gt_voxels``) exists only for labelled subjects, the domain-shift flag only with a training
-# fingerprint, the predictors of :func:`add_predictors` only after it ran, the failure detection only on DSC rows.
-NULLABLE_COLUMNS = frozenset({"gt_voxels", "flag_out_of_distribution", "ood_reason", CALIBRATED_COLUMN,
-                              COMBINED_COLUMN, AGREEMENT_COLUMN, *LEARNED_COLUMNS, *FAILURE_COLUMNS})
-# A column that only one table has names that table in the error of _typed.
-_TABLE_MARKERS = (("verdict", "subjects"), ("level", "scores"), ("metric", "summary"), ("kendall_tau", "ranking"),
-                  ("selected_source", "selection"), ("slice_index", "slices"))
-
-
-def is_nullable(column: str) -> bool:
-    """Whether a report column may be left out (all null) by the table builders, see :data:`NULLABLE_COLUMNS`."""
-    return column.startswith(f"{REAL}_") or column in NULLABLE_COLUMNS
-
-
-def _typed(df: pd.DataFrame, schema: Mapping[str, str]) -> pd.DataFrame:
-    """``df`` with exactly the ``schema`` columns, in order, cast to their dtypes.
-
-    Missing values become null, except in boolean columns where they become False (not flagged). A non-empty ``df``
-    lacking a column that is not nullable (:func:`is_nullable`) raises ValueError: a computation that did not run
-    must not read as a column of nulls that matches the schema.
-    """
-    missing = [c for c in schema if c not in df.columns and not is_nullable(c)]
-    if len(df) and missing:
-        table = next((name for marker, name in _TABLE_MARKERS if marker in schema), "report")
-        raise ValueError(f"{table} table: column(s) {missing} were not computed; compute them, or list them in "
-                         "NULLABLE_COLUMNS if they may legitimately be absent")
-    out = df.reindex(columns=list(schema))
-    for column, dtype in schema.items():
-        if dtype == "bool":
-            out[column] = out[column].astype("boolean").fillna(False)
-    return out.astype(dict(schema)).reset_index(drop=True)
-
-
-def metric_names(df: pd.DataFrame) -> list[str]:
-    """The metrics of :data:`METRICS` that ``df`` carries as ``predicted_<metric>`` columns, in order."""
-    return [m for m in METRICS if f"{PREDICTED}_{m}" in df.columns]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Scores stage
-# ---------------------------------------------------------------------------------------------------
-
-
-def score_rows(
-    cohort: str,
-    source: str,
-    subject: str,
-    predicted_rows: Sequence[Mapping[str, Any]],
-    real_rows: Sequence[Mapping[str, Any]] | None,
-    slice_ratio: Sequence[float] | np.ndarray | None,
-    uncertainty: Mapping[tuple[str, int | None], float] | None = None,
-    vae_recon: Mapping[tuple[str, int | None], float] | None = None,
-    learned: Mapping[str, Mapping[tuple[str, int | None], float]] | None = None,
-) -> pd.DataFrame:
-    """The scores table of one (source, subject) from :mod:`nnqc_pipe.qc.metrics` rows.
-
-    ``predicted_rows``/``real_rows`` are ``compute_metrics(...) + compute_slice_metrics(...)`` of the
-    candidate against the pseudo-GT and against the GT (``real_rows`` is None when the subject has no GT;
-    otherwise it must cover the same labels and slices). ``slice_ratio[i]`` is the ratio of slice ``i`` (None:
-    NaN); ``uncertainty`` maps ``(label, slice_index or None)`` to the disagreement between pGT samples (see
-    ``metrics.sample_disagreement``; None: NaN); ``vae_recon`` maps the same keys to the VAE-reconstruction
-    baseline (:func:`nnqc_pipe.qc.baselines.reconstruction_dice`; None or a missing key: NaN); ``learned`` maps
-    ``learned_dsc`` / ``learned_nsd`` to such a mapping (:func:`nnqc_pipe.qc.learned.learned_scores`; None: NaN).
-    """
-    predicted = _prefixed_frame(predicted_rows, PREDICTED, "pgt_voxels")
-    if real_rows is None:
-        table = predicted
-    else:
-        real = _prefixed_frame(real_rows, REAL, "gt_voxels")
-        _check_same_keys(predicted, real, source, subject)
-        table = predicted.merge(real.drop(columns="cand_voxels"), on=["label", "slice_index"], how="left")
-    for flag in FLAGS:
-        column = f"{REAL}_{flag}"
-        table[column] = table[column].fillna(False) if column in table else False
-    table["cohort"], table["source"], table["subject"] = cohort, source, subject
-    table["level"] = np.where(table["slice_index"].isna(), "volume", "slice")
-    table["slice_ratio"] = _slice_ratios(table["slice_index"], slice_ratio)
-    table["uncertainty"] = _per_row(table, uncertainty)
-    table[VAE_RECON_COLUMN] = _per_row(table, vae_recon)
-    for column in LEARNED_COLUMNS:
-        table[column] = _per_row(table, (learned or {}).get(column))
-    return _typed(table, scores_schema(metric_names(table)))
-
-
-def _per_row(table: pd.DataFrame, values: Mapping[tuple[str, int | None], float] | None) -> list[float]:
-    """``values[(label, slice_index or None)]`` for every row of ``table``, NaN where missing."""
-    return [(values or {}).get((label, None if pd.isna(i) else int(i)), np.nan)
-            for label, i in zip(table["label"], table["slice_index"], strict=True)]
-
-
-def _prefixed_frame(rows: Sequence[Mapping[str, Any]], kind: str, ref_voxels: str) -> pd.DataFrame:
-    """Metric rows as a frame keyed by (label, slice_index), metric and flag columns prefixed by ``kind``."""
-    if not rows:
-        raise ValueError(f"no {kind} metric rows given")
-    df = pd.DataFrame(list(rows))
-    if "slice_index" not in df.columns:
-        df["slice_index"] = pd.NA
-    df["slice_index"] = df["slice_index"].astype("Int64")
-    renames = {m: f"{kind}_{m}" for m in (*METRICS, *FLAGS) if m in df.columns}
-    return df.rename(columns={**renames, "ref_voxels": ref_voxels})
-
-
-def _check_same_keys(predicted: pd.DataFrame, real: pd.DataFrame, source: str, subject: str) -> None:
-    keys = ["label", "slice_index"]
-    pred_keys = set(map(tuple, predicted[keys].astype(object).itertuples(index=False)))
-    real_keys = set(map(tuple, real[keys].astype(object).itertuples(index=False)))
-    if pred_keys != real_keys:
-        raise ValueError(
-            f"{source}/{subject}: predicted and real metric rows cover different (label, slice) pairs"
-        )
-
-
-def _slice_ratios(slice_index: pd.Series, slice_ratio: Sequence[float] | np.ndarray | None) -> np.ndarray:
-    """Ratio per row: ``slice_ratio[slice_index]`` for slice rows, NaN for volume rows or when not given."""
-    out = np.full(len(slice_index), np.nan)
-    if slice_ratio is None:
-        return out
-    ratios = np.asarray(slice_ratio, dtype=np.float64)
-    is_slice = slice_index.notna().to_numpy()
-    indices = slice_index[is_slice].to_numpy(dtype=np.int64)
-    if indices.size and indices.max() >= ratios.size:
-        raise ValueError(f"slice_ratio has {ratios.size} values but slice index {indices.max()} was scored")
-    out[is_slice] = ratios[indices]
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # Report tables
 # ---------------------------------------------------------------------------------------------------
@@ -365,7 +223,7 @@ def apply_verdicts(subjects: pd.DataFrame, qc_pass_dsc: float, thresholds: Verdi
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
     subjects = assign_verdicts(subjects, thresholds, score_column="verdict_score")
     subjects = subjects.sort_values(ID_COLUMNS, kind="stable")
-    return _typed(subjects, subjects_schema(metrics))
+    return typed(subjects, subjects_schema(metrics))
 
 
 def build_subjects(scores: pd.DataFrame, qc_pass_dsc: float, thresholds: VerdictThresholds | None = None,
@@ -399,7 +257,7 @@ def build_slices(scores: pd.DataFrame) -> pd.DataFrame:
     for flag in FLAGS:
         slices[f"flag_{flag}"] = slices[f"{PREDICTED}_{flag}"]
     slices = slices.sort_values([*ID_COLUMNS, "slice_index"], kind="stable")
-    return _typed(slices, slices_schema(metric_names(scores)))
+    return typed(slices, slices_schema(metric_names(scores)))
 
 
 def build_summary(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame:
@@ -422,7 +280,7 @@ def build_summary(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame
                     detection = {k: v for k, v in detection.items() if k not in FAILURE_COLUMNS}
                 rows.append({"cohort": cohort, "source": source, "label": label, "metric": metric,
                              **detection, **_agreement(pred, real)})
-    return _typed(pd.DataFrame(rows), SUMMARY_SCHEMA)
+    return typed(pd.DataFrame(rows), SUMMARY_SCHEMA)
 
 
 # Other predictors of the real DSC in the summary, each a row ``metric`` of its own: the calibrated nnQC score and
@@ -489,7 +347,7 @@ def build_ranking(subjects: pd.DataFrame, metric: str = "dsc", label: str = FORE
     taus = {c: _kendall_tau(g[pred_col], g[real_col]) for c, g in by_cohort}
     ranking["kendall_tau"] = ranking["cohort"].map(taus).astype("float64")
     ranking = ranking.merge(_source_counts(rows), on=["cohort", "source"], how="left")
-    return _typed(ranking, ranking_schema(metric))
+    return typed(ranking, ranking_schema(metric))
 
 
 def _source_counts(rows: pd.DataFrame) -> pd.DataFrame:
@@ -535,7 +393,7 @@ def build_selection(subjects: pd.DataFrame, use_pgt_when_all_fail: bool, fail_ds
     the table's ``predicted_dsc`` is that score)."""
     selection = select_sources(subjects.assign(**{f"{PREDICTED}_dsc": subjects["verdict_score"]}), FOREGROUND,
                                use_pgt_when_all_fail=use_pgt_when_all_fail, fail_dsc=fail_dsc)
-    return _typed(selection, SELECTION_SCHEMA)
+    return typed(selection, SELECTION_SCHEMA)
 
 
 def write_report(
