@@ -130,3 +130,18 @@ def test_left_out_columns_of_the_methods_switch():
     for wrong in (["learned"], ["nnqc", "wang"]):
         with pytest.raises(ValueError, match="must include nnqc"):
             left_out_columns(wrong)
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["labelled", "no-labels"])
+def test_board_figure_and_html_table(tmp_path, labelled):
+    from nnqc_pipe.report.figures import plot_methods, write_methods_table
+
+    subjects = subjects_table(labelled=labelled)
+    board = build_methods(subjects)
+    plot_methods(board, subjects, tmp_path / "methods.png")
+    write_methods_table(board, subjects, tmp_path / "methods.html")
+    assert (tmp_path / "methods.png").stat().st_size > 1000
+    html = (tmp_path / "methods.html").read_text()
+    assert "nnqc" in html and "learned" in html and "vae_recon" not in html
+    assert ("best_real" in html and "unet_good" in html) if labelled else "no labelled subject" in html
+    assert not list(tmp_path.glob(".*"))

@@ -90,6 +90,8 @@ def write_figures(tables: dict, folder: Path, results_dir: Path, candidates: dic
     figures.plot_predicted_distributions(subjects, folder / "predicted_distributions.png")
     figures.plot_verdicts(subjects, folder / "verdicts.png")
     figures.plot_risk_coverage(subjects, folder / "risk_coverage.png", thresholds.fail_dsc)
+    figures.plot_methods(tables["methods"], subjects, folder / "methods.png")
+    figures.write_methods_table(tables["methods"], subjects, folder / "methods.html")
     figures.plot_worst_overlays(subjects, results_dir, candidates, settings["n_overlays"],
                                 folder / "worst_overlays.png")
     figures.plot_review_gallery(subjects, results_dir, candidates, settings["n_overlays"],
