@@ -20,16 +20,19 @@ part itself (``split.test_fraction``, default 0.5): nnQC trains on its train/val
 ``gt``, ``degraded_L1..L5`` and real models' masks are scored.
 
 Read from the report (``<results>/<cohort>/report/``), foreground label, failure = real DSC < ``report.fail_dsc``
-(0.7), every figure computed with the report's own functions:
+(0.7); the predictors' figures are the report's methods board (``methods.parquet``,
+``nnqc_pipe.report.methods``; built with the same function for a report written before it existed):
 
 - per source and pooled (``all``; ``all_real``: the real models; ``all_degraded``): n, Pearson r, MAE, bias (mean
   predicted - real), failure-detection ROC AUC and accuracy of "predicted < 0.7", side by side for nnQC's
   ``predicted_dsc``, its cross-validated ``calibrated_dsc`` and each baseline (``baseline_agreement_dsc``,
-  ``baseline_vae_recon_dsc``);
-- the ranking of all sources by mean predicted vs mean real DSC and Kendall tau (``ranking.parquet``);
+  ``baseline_vae_recon_dsc``); nnQC's HD95 on the degraded pool from ``summary.parquet``;
+- the ranking of all sources by mean predicted vs mean real DSC and Kendall tau (``ranking.parquet``), and the
+  board's tau of the sources ranked by each score;
 - per-subject pairwise ordering accuracy: over the pairs of sources of one subject whose real DSC differ, the share
   ordered the same way by the predictor (ties in the prediction count one half);
-- within the best real model (highest mean real DSC): Pearson r of nnQC and of the baselines;
+- within the best real model (highest mean real DSC, the board's ``best_real`` pool): Pearson r of nnQC and of the
+  baselines;
 - ``gt``: mean predicted DSC and the share of subjects where it is predicted above every source with real DSC < 0.95;
 - the verdicts (PASS/REVIEW/FAIL) against the real DSC classes >= 0.8 / 0.7-0.8 / < 0.7;
 - the per-subject source selection (``selection.parquet`` metadata) vs the best single source and the oracle;
@@ -60,7 +63,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -76,22 +78,14 @@ from nnqc_pipe.data.io import read_json, read_parquet_metadata, write_json, writ
 from nnqc_pipe.dice import dice
 from nnqc_pipe.qc.decisions import VerdictThresholds
 from nnqc_pipe.qc.metrics import FOREGROUND
-from nnqc_pipe.report.tables import (
-    ALL_DEGRADED,
-    ALL_SOURCES,
-    EXTRA_PREDICTORS,
-    VERDICT_SCORES,
-    apply_verdicts,
-    build_summary,
-)
+from nnqc_pipe.report.methods import ALL_DEGRADED, ALL_REAL, ALL_SOURCES, BEST_REAL, build_methods, is_user_source
+from nnqc_pipe.report.tables import EXTRA_PREDICTORS, VERDICT_SCORES, apply_verdicts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import _fmt, _num, derive_config, merge, parse_sets, ranking_summary, run_snakemake  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_REAL = "all_real"
 GT = "gt"
-DEGRADED_PREFIX = "degraded_"
 PREDICTED, REAL = "predicted_dsc", "real_dsc"
 # The predictors of the real DSC shown side by side: summary metric name -> subjects column.
 PREDICTORS = {"dsc": PREDICTED, **EXTRA_PREDICTORS}
@@ -409,31 +403,42 @@ def cohort_parts(config: dict[str, Any], cohort: Cohort, n_train: int, n_qc: int
 # ---------------------------------------------------------------------------------------------------
 
 
-def is_real(source: str) -> bool:
-    """A real model's source: not ``gt``, not ``degraded_*``."""
-    return source != GT and not source.startswith(DEGRADED_PREFIX)
-
-
 def foreground(subjects: pd.DataFrame) -> pd.DataFrame:
     """The foreground rows with a real DSC (the labelled candidates)."""
     return subjects[(subjects["label"] == FOREGROUND) & subjects[REAL].notna()]
 
 
-def predictor_table(subjects: pd.DataFrame, fail_dsc: float) -> pd.DataFrame:
-    """Per pool (``all``, ``all_real``, ``all_degraded``, first) and source, per metric: the report summary's
-    columns (``nnqc_pipe.report.tables.build_summary``) over the foreground rows; ``all_real`` pools the real
-    models."""
-    rows = foreground(subjects)
-    summary = build_summary(rows, fail_dsc)
-    summary = summary[summary["source"].ne(ALL_DEGRADED) | summary["n"].gt(0)]
-    real = rows[rows["source"].map(is_real)]
-    if not real.empty:
-        pooled = build_summary(real, fail_dsc)
-        summary = pd.concat([summary, pooled[pooled["source"] == ALL_SOURCES].assign(source=ALL_REAL)])
-    order = {ALL_SOURCES: 0, ALL_REAL: 1, ALL_DEGRADED: 2}
-    summary = summary.assign(_pool=summary["source"].map(order).fillna(len(order)))
-    return summary.sort_values(["_pool", "source", "metric"], kind="stable").drop(columns="_pool").reset_index(
-        drop=True)
+def read_board(report_dir: Path, subjects: pd.DataFrame, fail_dsc: float) -> pd.DataFrame:
+    """The report's methods board (``methods.parquet``); built from ``subjects`` by the report's own function for a
+    report written before the board existed."""
+    path = report_dir / "methods.parquet"
+    return pd.read_parquet(path) if path.is_file() else build_methods(subjects, fail_dsc)
+
+
+def predictor_table(board: pd.DataFrame, summary: pd.DataFrame | None) -> pd.DataFrame:
+    """The board's foreground figures of :data:`PREDICTORS` in the summary's layout (``source``: the pool or
+    source, ``metric``: the predictor), pools (``all``, ``all_real``, ``all_degraded``) first, then the sources;
+    with the report ``summary``'s foreground HD95 rows (nnQC's predicted against real HD95)."""
+    metric_of = {column: metric for metric, column in PREDICTORS.items()}
+    rows = board[(board["label"] == FOREGROUND) & (board["pool"] != BEST_REAL)
+                 & board["score_column"].isin(list(metric_of))]
+    table = rows.rename(columns={"pool": "source"}).assign(metric=rows["score_column"].map(metric_of))
+    if summary is not None:
+        hd95 = summary[(summary["label"] == FOREGROUND) & (summary["metric"] == "hd95_mm") & (summary["n"] > 0)]
+        table = pd.concat([table, hd95], ignore_index=True)
+    return table.reset_index(drop=True)
+
+
+def _figure(rows: dict[str, pd.Series], metric: str, stat: str, missing: float = math.nan) -> float:
+    """``rows[metric][stat]`` as a float (``missing`` without the predictor)."""
+    return float(rows[metric][stat]) if metric in rows else missing
+
+
+def pool_figures(board: pd.DataFrame, pool: str) -> dict[str, pd.Series]:
+    """Predictor (:data:`PREDICTORS` name) -> the board's foreground row of ``pool``."""
+    metric_of = {column: metric for metric, column in PREDICTORS.items()}
+    rows = board[(board["label"] == FOREGROUND) & (board["pool"] == pool)]
+    return {metric_of[row["score_column"]]: row for _, row in rows.iterrows() if row["score_column"] in metric_of}
 
 
 def side_by_side(table: pd.DataFrame) -> pd.DataFrame:
@@ -448,23 +453,6 @@ def side_by_side(table: pd.DataFrame) -> pd.DataFrame:
             column = wide[(stat, metric)] if (stat, metric) in wide else pd.Series(dtype=float)
             out[f"{metric}_{stat}"] = column.reindex(out.index).astype(float)
     return out.reset_index()
-
-
-def pairwise_accuracy(subjects: pd.DataFrame, column: str) -> dict[str, float | int]:
-    """Over the pairs of sources of one subject with different real DSC (both values of ``column`` finite), the
-    share ordered the same way by ``column`` as by the real DSC; a tie in ``column`` counts one half."""
-    rows = foreground(subjects)
-    rows = rows[np.isfinite(rows[column].to_numpy(dtype=float))]
-    score, n = 0.0, 0
-    for _, group in rows.groupby("subject", sort=True):
-        values = list(zip(group[REAL].to_numpy(float), group[column].to_numpy(float), strict=True))
-        for (real_a, pred_a), (real_b, pred_b) in combinations(values, 2):
-            if real_a == real_b:
-                continue
-            n += 1
-            agree = np.sign(real_a - real_b) * np.sign(pred_a - pred_b)
-            score += 1.0 if agree > 0 else 0.5 if agree == 0 else 0.0
-    return {"n_pairs": n, "accuracy": score / n if n else math.nan}
 
 
 def gt_separation(subjects: pd.DataFrame, column: str = PREDICTED, worse_than: float = WORSE_THAN
@@ -497,13 +485,6 @@ def verdict_confusion(subjects: pd.DataFrame) -> dict[str, Any]:
     agree = int(np.trace(table.to_numpy()))
     return {"counts": {v: {c: int(table.loc[v, c]) for c in REAL_CLASSES} for v in VERDICTS}, "n": n,
             "agreement": agree / n if n else math.nan}
-
-
-def best_real_model(subjects: pd.DataFrame) -> str | None:
-    """The real model with the highest mean real foreground DSC (None without one)."""
-    rows = foreground(subjects)
-    means = rows[rows["source"].map(is_real)].groupby("source")[REAL].mean()
-    return None if means.empty else str(means.idxmax())
 
 
 def baselines() -> list[str]:
@@ -574,19 +555,11 @@ def target_checks(table: pd.DataFrame, result: dict[str, Any]) -> list[dict[str,
     return checks
 
 
-def source_tau(subjects: pd.DataFrame, column: str) -> float:
-    """Kendall tau between the sources ranked by their mean ``column`` and by their mean real DSC."""
-    means = foreground(subjects).groupby("source")[[column, REAL]].mean().dropna()
-    if len(means) < 2 or means[column].nunique() < 2:
-        return math.nan
-    return float(stats.kendalltau(means[column], means[REAL]).statistic)
-
-
 def review_shares(subjects: pd.DataFrame, meta: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per verdict score the report can act on: the share of real models' masks of real DSC >= ``pass_dsc`` sent
     to REVIEW or FAIL, and of those of real DSC < ``fail_dsc`` (the report's own verdict rule, its thresholds)."""
     thresholds = VerdictThresholds(**(meta.get("verdict_thresholds") or {}))
-    rows = subjects[subjects["source"].map(is_real)]
+    rows = subjects[subjects["source"].map(is_user_source)]
     out = {}
     for name, column in VERDICT_SCORES.items():
         if column not in rows or rows[column].isna().all():
@@ -606,7 +579,7 @@ def next_best_agreement(subjects: pd.DataFrame, candidates: dict[str, str], best
     """Within the best real model: Pearson r of the real DSC with the DSC of its mask against the next-best real
     model's mask of the same subject (the single-source agreement baseline, the stronger one on held-out data)."""
     rows = foreground(subjects)
-    means = rows[rows["source"].map(is_real)].groupby("source")[REAL].mean().sort_values(ascending=False)
+    means = rows[rows["source"].map(is_user_source)].groupby("source")[REAL].mean().sort_values(ascending=False)
     if best not in means.index or len(means) < 2:
         return {"next_best": None, "r": math.nan}
     other = next(s for s in means.index if s != best)
@@ -625,7 +598,7 @@ def error_map_scores(subjects: pd.DataFrame, candidates: dict[str, str], gt: str
     (connected components of at least ``min_voxels``): recall = real regions touched by a predicted error voxel,
     precision = predicted regions (same size rule) touching a real error voxel."""
     rows = foreground(subjects)
-    rows = rows[rows["source"].map(is_real)]
+    rows = rows[rows["source"].map(is_user_source)]
     structure = ndimage.generate_binary_structure(3, 3)
     out = {}
     for opinion, pattern in references.items():
@@ -667,9 +640,11 @@ def summarise(report_dir: Path, config: dict[str, Any] | None = None) -> dict[st
     subjects = pd.read_parquet(report_dir / "subjects.parquet")
     meta = read_parquet_metadata(report_dir / "subjects.parquet")
     fail_dsc = float((meta.get("verdict_thresholds") or {}).get("fail_dsc", 0.7))
-    table = predictor_table(subjects, fail_dsc)
-    best = best_real_model(subjects)
-    within = table[table["source"] == best] if best else table.iloc[:0]
+    board = read_board(report_dir, subjects, fail_dsc)
+    summary_path = report_dir / "summary.parquet"
+    table = predictor_table(board, pd.read_parquet(summary_path) if summary_path.is_file() else None)
+    on_all, on_best = pool_figures(board, ALL_SOURCES), pool_figures(board, BEST_REAL)
+    best = str(next(iter(on_best.values()))["sources"]) if on_best else None
     card = meta.get("model_card") or {}
     columns = {m: c for m, c in PREDICTORS.items() if c in subjects}
     result = {
@@ -680,15 +655,15 @@ def summarise(report_dir: Path, config: dict[str, Any] | None = None) -> dict[st
         "n_subjects": {s: int(g["subject"].nunique()) for s, g in foreground(subjects).groupby("source")},
         "predictors": _records(side_by_side(table)),
         "ranking": ranking_summary(pd.read_parquet(report_dir / "ranking.parquet")),
-        "pairwise": {m: pairwise_accuracy(subjects, c) for m, c in columns.items()},
-        "within_best_model": {"source": best, "r": {m: _num(_cell(within, best, m, "pearson_r"))
-                                                    for m in PREDICTORS}},
+        "pairwise": {m: {"n_pairs": int(_figure(on_all, m, "n_pairs", 0)),
+                         "accuracy": _figure(on_all, m, "pairwise_accuracy")} for m in columns},
+        "within_best_model": {"source": best, "r": {m: _num(_figure(on_best, m, "pearson_r")) for m in PREDICTORS}},
         "gt": {m: gt_separation(subjects, c) for m, c in columns.items()
                if m in ("dsc", "calibrated_dsc", *OPINIONS)},
-        "source_tau": {m: source_tau(subjects, c) for m, c in columns.items()},
+        "source_tau": {m: _figure(on_all, m, "kendall_tau") for m in columns},
         "review_shares": review_shares(subjects, meta),
         "verdicts": {"all": verdict_confusion(subjects),
-                     ALL_REAL: verdict_confusion(subjects[subjects["source"].map(is_real)])},
+                     ALL_REAL: verdict_confusion(subjects[subjects["source"].map(is_user_source)])},
         "selection": read_parquet_metadata(report_dir / "selection.parquet").get("selection_summary"),
         "degraded_hd95": {k: _num(_cell(table, ALL_DEGRADED, "hd95_mm", k)) for k in ("pearson_r", "mae")},
     }

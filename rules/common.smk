@@ -115,17 +115,35 @@ SETTINGS = {
 PRESET_DIGEST = training_digest(config["preset"])
 # The plan rounds patch sizes to the preset networks' downsampling factor unless the config fixes it.
 PLAN_OVERRIDES = plan_overrides(config)
-# What the report needs from the config: its thresholds and the source selection.
-REPORT_SETTINGS = {**config["report"], "selection": config["selection"]}
 USES_IMAGE = config["model"].get("experts", {}).get("mode", "full") in ("image", "full")
 # Degraded masks (known quality) are made for the test subjects of a cohort that trains its own model.
 DEGRADED_LEVELS = [] if QC_MODEL_SOURCE else LEVELS
 DEGRADED_SOURCES = [f"degraded_L{level}" for level in DEGRADED_LEVELS]
 USER_SOURCES = dict(config["sources"])
-# The learned QC opinion: trained here, or taken from a qc_model bundle that has one.
-LEARNED = config["learned"]["enabled"] and (
-    not QC_MODEL_SOURCE or os.path.isfile(f"{QC_MODEL_SOURCE}/qcnet.pt")
+# The learned QC opinion, when methods: lists it (learned.enabled: false, the older switch, still leaves it out):
+# trained here, or taken from a qc_model bundle that has one.
+if "enabled" in config["learned"] and workflow.is_main_process:
+    logger.warning("learned.enabled is deprecated: list the QC opinions in methods:")
+LEARNED = (
+    "learned" in config["methods"]
+    and config["learned"].get("enabled", True)
+    and (not QC_MODEL_SOURCE or os.path.isfile(f"{QC_MODEL_SOURCE}/qcnet.pt"))
 )
+# The QC opinions computed (nnqc_pipe.report.methods.OPINIONS): those listed, the learned one where it can run.
+METHODS = [m for m in config["methods"] if m != "learned" or LEARNED]
+# What infer needs: the inference section, with vae_recon: false when methods leaves that baseline out (a key
+# only then, so that the default leaves the infer jobs' params, and their outputs, as they were).
+INFERENCE_SETTINGS = (
+    config["inference"]
+    if "vae_recon" in METHODS
+    else {**config["inference"], "vae_recon": False}
+)
+# What the report needs from the config: its thresholds, the source selection and the opinions computed.
+REPORT_SETTINGS = {
+    **config["report"],
+    "selection": config["selection"],
+    "methods": METHODS,
+}
 FOLDS = list(range(config["learned"]["folds"]))
 # User sources whose masks of the training subjects are extra training candidates of the learned opinion.
 LEARNED_SOURCES = {
@@ -135,8 +153,8 @@ LEARNED_SOURCES = {
 }
 if config["report"]["verdict_score"] in ("learned", "combined") and not LEARNED:
     raise WorkflowError(
-        f"report.verdict_score: {config['report']['verdict_score']} needs the learned opinion: set "
-        "learned.enabled: true (with qc_model, a bundle exported with qcnet.pt)"
+        f"report.verdict_score: {config['report']['verdict_score']} needs the learned opinion: list learned "
+        "in methods (with qc_model, a bundle exported with qcnet.pt)"
     )
 # Rules run `python -m nnqc_pipe`; the package is importable from this checkout in any environment.
 shell.prefix(

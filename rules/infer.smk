@@ -38,7 +38,7 @@ rule infer:
         learned=pattern("learned"),
         qcnet=lambda w, input: input.qcnet or "none",
         model_dir=lambda w, input: os.path.dirname(input.ldm),
-        inference=as_json(config["inference"]),
+        inference=as_json(INFERENCE_SETTINGS),
         device=rule_device,
         seed=config["seed"],
     shell:

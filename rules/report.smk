@@ -19,6 +19,7 @@ rule report:
         selection=f"{OUT}/report/selection.parquet",
         review=f"{OUT}/report/review.parquet",
         regions=f"{OUT}/report/error_regions.parquet",
+        methods=f"{OUT}/report/methods.parquet",
         exclusions=f"{OUT}/report/exclusions.tsv",
         selected=directory(f"{OUT}/selected"),
         scatter_dsc=report(
@@ -50,6 +51,16 @@ rule report:
             f"{OUT}/report/figures/risk_coverage.png",
             caption="report/risk_coverage.rst",
             category="Decisions",
+        ),
+        methods_figure=report(
+            f"{OUT}/report/figures/methods.png",
+            caption="report/methods.rst",
+            category="QC methods",
+        ),
+        methods_table=report(
+            f"{OUT}/report/figures/methods.html",
+            caption="report/methods.rst",
+            category="QC methods",
         ),
         overlays=report(
             f"{OUT}/report/figures/worst_overlays.png",

@@ -46,6 +46,14 @@ def test_source_named_gt_is_reserved():
         cfg.validate_config(_minimal(sources={"gt": "x/{subject}.nii.gz"}))
 
 
+def test_methods_default_to_every_opinion_and_must_keep_nnqc():
+    assert cfg.validate_config(_minimal())["methods"] == ["nnqc", "learned", "vae_recon", "agreement"]
+    assert cfg.validate_config(_minimal(methods=["nnqc"]))["methods"] == ["nnqc"]
+    for wrong in (["learned", "agreement"], ["nnqc", "wang"], ["nnqc", "nnqc"]):
+        with pytest.raises(Exception, match="methods"):
+            cfg.validate_config(_minimal(methods=wrong))
+
+
 def test_labels_optional_and_label_map_sorted(tmp_path):
     c = cfg.validate_config(_minimal(label_names={"2": "b", "1": "a"}))
     assert c["labels"] is None

@@ -3,7 +3,8 @@ settings the labelled demo does not exercise, checking the decisions the report 
 
 - ``decisions``: a user source next to gt and the degraded levels, error maps off; the report's verdicts,
   exclusions, selection (+ selected masks), review lists and baselines; a threshold change reruns only ``report``.
-- ``no_expert``: conditioning mode ``none`` (no vision expert, no embed jobs).
+- ``no_expert``: conditioning mode ``none`` (no vision expert, no embed jobs) and ``methods: [nnqc]``.
+- ``methods``: an opinion left out of ``methods`` defines no rule (``--list-rules``).
 - ``labels: null`` without a QC model: refused at start, saying what to do (with one: tests/test_population.py).
 """
 
@@ -33,7 +34,7 @@ def matrix_config(workdir, **extra) -> dict:
     labels = f"{data}/labelsTr/{{subject}}.nii.gz"
     config = base_config(workdir, f"{data}/imagesTr/{{subject}}.nii.gz", labels,
                          demo={"enabled": True, "n_subjects": 6, "seed": 3}, **extra)
-    config["learned"] = {"enabled": False}  # the learned opinion runs in the demo and population runs
+    config.setdefault("methods", ["nnqc", "vae_recon", "agreement"])  # the learned opinion: demo and population runs
     return config
 
 
@@ -126,16 +127,39 @@ def test_threshold_change_reruns_only_the_report(decisions_run):
 
 def test_conditioning_mode_none_runs_without_the_vision_expert(tmp_path):
     config = matrix_config(tmp_path, model={"vae": {"epochs": 1}, "ldm": {"epochs": 1, "val_every": 1},
-                                            "experts": {"mode": "none"}})
+                                            "experts": {"mode": "none"}}, methods=["nnqc"])
     proc = run_snakemake(config, tmp_path)
     assert proc.returncode == 0
     out = tmp_path / "results" / "e2e"
     assert not (out / "embeddings").exists() and not (out / "chunks" / "embed").exists()
     subjects = pd.read_parquet(out / "report" / "subjects.parquet")
     assert subjects.predicted_dsc.notna().all() and len(subjects) > 0
-    # learned.enabled: false leaves no learned rule, file or value
+    # methods: [nnqc] leaves no learned rule or file, and no column of a left-out opinion in any table
     assert not (out / "learned").exists() and not (out / "models" / "qcnet.pt").exists()
-    assert not (out / "logs" / "train_qcnet.log").exists() and subjects.learned_dsc.isna().all()
+    assert not (out / "logs" / "train_qcnet.log").exists()
+    opinions = {"learned_dsc", "learned_nsd", "combined_dsc", "baseline_vae_recon_dsc", "baseline_agreement_dsc"}
+    for table in ("subjects", "slices"):
+        assert not opinions & set(pd.read_parquet(out / "report" / f"{table}.parquet").columns), table
+    summary = pd.read_parquet(out / "report" / "summary.parquet")
+    assert not {"learned_dsc", "combined_dsc", "vae_recon_dsc", "agreement_dsc"} & set(summary.metric)
+    board = pd.read_parquet(out / "report" / "methods.parquet")
+    assert set(board.method) <= {"nnqc", "calibrated"} and "nnqc" in set(board.method)
+
+
+LEARNED_RULES = {"train_segmenter", "learned_candidates", "train_qcnet"}
+
+
+@pytest.mark.parametrize("switch", [{"methods": ["nnqc", "vae_recon"]},
+                                    {"methods": ["nnqc", "learned"], "learned": {"enabled": False}}],
+                         ids=["methods", "deprecated-learned-enabled"])
+def test_a_method_left_out_defines_no_rule(tmp_path, switch):
+    """The learned opinion left out (by methods:, or by the older learned.enabled: false) defines none of its
+    rules; listed, it defines them all. vae_recon and agreement have no rule of their own (infer and report)."""
+    listed = run_snakemake(matrix_config(tmp_path, methods=["nnqc", "learned"]), tmp_path, "--list-rules")
+    assert listed.returncode == 0 and LEARNED_RULES <= set(listed.stdout.split())
+    left_out = run_snakemake({**matrix_config(tmp_path), **switch}, tmp_path, "--list-rules")
+    assert left_out.returncode == 0 and not LEARNED_RULES & set(left_out.stdout.split())
+    assert {"infer", "report"} <= set(left_out.stdout.split())
 
 
 def test_learned_verdict_score_without_the_learned_opinion_stops_the_run(tmp_path):

@@ -109,6 +109,18 @@ def test_pgt_comes_back_where_it_belongs(subject: SimpleNamespace, stub_sampler:
     assert (slices["recon_total_fg"] == 0).all()  # the empty candidate and its reconstruction
 
 
+def test_vae_recon_left_out_is_not_computed(subject: SimpleNamespace, stub_sampler: dict,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """methods without vae_recon: no reconstruction, no count columns (the baseline's scores are then null)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("reconstruct called")
+
+    monkeypatch.setattr(infer_module, "reconstruct", refuse)
+    result = infer_subject(SimpleNamespace(n_classes=3), subject.pre, subject.candidate, None,
+                           {**INFERENCE, "vae_recon": False}, seed=7)
+    assert list(result.slices.columns) == ["slice_index", "slice_ratio", "uncertainty"]
+
+
 def test_saved_pgt_has_file_values_and_original_affine(subject: SimpleNamespace, stub_sampler: dict) -> None:
     result = infer_subject(SimpleNamespace(n_classes=3), subject.pre, subject.candidate, None, INFERENCE, seed=0)
     out = subject.dir

@@ -125,6 +125,11 @@ def test_reuse_exported_model_without_training(partial_run, bundle, tmp_path):
     learned_there = pd.read_parquet(partial_run / "report/subjects.parquet").set_index(keys).learned_dsc
     np.testing.assert_allclose(learned_here[common], learned_there[common], atol=1e-6)
     np.testing.assert_allclose(subjects.combined_dsc, (subjects.predicted_dsc + subjects.learned_dsc) / 2)
+    # no labels: the methods board is empty and says so; the report shows each method's predicted distribution
+    board = pd.read_parquet(out / "report/methods.parquet")
+    assert board.empty and "no labelled subject" in read_parquet_metadata(out / "report/methods.parquet")["note"]
+    assert "no labelled subject" in (out / "report/figures/methods.html").read_text()
+    assert (out / "report/figures/methods.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(("damage", "message"), [

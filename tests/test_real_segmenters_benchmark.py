@@ -4,7 +4,6 @@ snakemake run)."""
 from __future__ import annotations
 
 import importlib.util
-import math
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 
 from nnqc_pipe.data.io import write_parquet
+from nnqc_pipe.report.methods import build_methods
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,8 +87,9 @@ def test_unet_grid_fits_every_shape_and_divides_by_the_strides():
     assert rs.unet_grid([(216, 256, 13), (184, 220, 6)], acdc.downsample, acdc.strides) == (224, 256, 16)
 
 
-def test_predictor_table_pools_real_models_and_side_by_side_columns():
-    table = rs.predictor_table(subjects_table(), fail_dsc=0.7)
+def test_predictor_table_reads_the_board_and_side_by_side_columns():
+    table = rs.predictor_table(build_methods(subjects_table(), fail_dsc=0.7), None)
+    assert "best_real" not in set(table["source"]) and set(table["label"]) == {"foreground"}
     dsc = table[table["metric"] == "dsc"]
     assert list(dsc["source"][:3]) == ["all", "all_real", "all_degraded"]
     row = dsc.set_index("source")
@@ -101,16 +102,6 @@ def test_predictor_table_pools_real_models_and_side_by_side_columns():
     assert expected <= set(wide.columns)
     assert wide.loc["unet_good", "calibrated_dsc_mae"] == pytest.approx(0.005)
     assert 0.0 <= wide.loc["all_real", "agreement_dsc_failure_auc"] <= 1.0
-
-
-def test_pairwise_accuracy_skips_equal_real_and_halves_ties():
-    rows = pd.DataFrame({
-        "source": ["a", "b", "c", "a", "b"], "subject": ["s1", "s1", "s1", "s2", "s2"], "label": "foreground",
-        "real_dsc": [0.9, 0.5, 0.5, 0.8, 0.6], "predicted_dsc": [0.8, 0.6, 0.6, 0.7, 0.7],
-    })
-    # s1: (a,b) right, (a,c) right, (b,c) equal real -> skipped; s2: (a,b) predicted tie -> one half
-    assert rs.pairwise_accuracy(rows, "predicted_dsc") == {"n_pairs": 3, "accuracy": pytest.approx(2.5 / 3)}
-    assert math.isnan(rs.pairwise_accuracy(rows.iloc[:1], "predicted_dsc")["accuracy"])
 
 
 def test_gt_separation_counts_subjects_with_worse_sources():
@@ -134,9 +125,7 @@ def test_verdict_confusion_against_real_classes():
                                                                          "<0.7"]
 
 
-def test_best_real_model_and_judge():
-    assert rs.best_real_model(subjects_table()) == "unet_good"
-    assert rs.best_real_model(subjects_table()[lambda d: d["source"] == "gt"]) is None
+def test_judge():
     assert rs.judge("real_mae", 0.03) == "PASS" and rs.judge("real_mae", 0.031) == "MISS"
     assert rs.judge("kendall_tau", 1.0) == "PASS" and rs.judge("kendall_tau", float("nan")) == "n/a"
     assert rs.judge("within_best_over_baselines", 0.0) == "MISS"
@@ -173,15 +162,25 @@ def test_summarise_and_targets_on_a_written_report(tmp_path):
     assert checks[("within_best_over_baselines", "nnQC")]["verdict"] == "PASS"
     assert checks[("degraded_hd95_r", "nnQC")]["verdict"] == "n/a"  # no HD95 in this table
     assert result["pairwise"]["dsc"]["accuracy"] == pytest.approx(1.0)
+    assert result["source_tau"]["dsc"] == pytest.approx(1.0)
     assert result["selection"]["best_single_source"] == "unet_good"
     text = rs.format_report(result, {"real_dsc": {"unet_good": 0.855}, "seconds": {"unet": 12.0}})
     assert "all_real" in text and "Kendall tau = 1.000" in text and "unet_good 0.855" in text
     assert "MISS" in text or "PASS" in text
 
 
-def test_source_tau_and_review_shares_use_the_reports_rules():
+def test_summarise_reads_the_reports_methods_board(tmp_path):
+    write_report(tmp_path)
+    board = build_methods(subjects_table(), fail_dsc=0.7)
+    mark = (board["method"] == "nnqc") & (board["pool"] == "all") & (board["label"] == "foreground")
+    board.loc[mark, ["pairwise_accuracy", "kendall_tau"]] = [0.125, 0.25]
+    write_parquet(board, tmp_path / "methods.parquet")
+    result = rs.summarise(tmp_path)
+    assert result["pairwise"]["dsc"]["accuracy"] == 0.125 and result["source_tau"]["dsc"] == 0.25
+
+
+def test_review_shares_use_the_reports_rules():
     table = subjects_table()
-    assert rs.source_tau(table, "predicted_dsc") == pytest.approx(1.0)
     shares = rs.review_shares(table, {"verdict_thresholds": {"pass_dsc": 0.8, "fail_dsc": 0.7}})
     nnqc = shares["dsc"]
     # real models: unet_good 0.74..0.84, unet_bad 0.30..0.55 and atlas 0.60..0.70

@@ -266,25 +266,33 @@ def _write_scores(scores: pd.DataFrame, root: Path) -> list[Path]:
 def test_write_report_files_and_metadata(tmp_path: Path, with_gt: bool) -> None:
     paths = _write_scores(_scores(noise=0.03, with_gt=with_gt), tmp_path)
     write_report(paths, tmp_path / "report", COHORT, 0.5, METADATA)
-    for name in ("subjects", "slices", "summary", "ranking"):
+    for name in ("subjects", "slices", "summary", "ranking", "methods"):
         meta = read_parquet_metadata(tmp_path / "report" / f"{name}.parquet")
         assert {k: meta[k] for k in METADATA} == METADATA
         assert meta["cohort"] == COHORT
     ranking_meta = read_parquet_metadata(tmp_path / "report" / "ranking.parquet")
     subjects = pd.read_parquet(tmp_path / "report" / "subjects.parquet")
+    board = pd.read_parquet(tmp_path / "report" / "methods.parquet")
+    board_meta = read_parquet_metadata(tmp_path / "report" / "methods.parquet")
+    # calibrated_dsc needs labelled subjects; fail_dsc follows qc_pass_dsc 0.5 (default_thresholds)
+    assert board_meta["methods"] == (["nnqc", "calibrated"] if with_gt else ["nnqc"])
+    assert board_meta["fail_dsc"] == pytest.approx(0.4)
     if with_gt:
         assert 0.0 < ranking_meta["kendall_tau"] <= 1.0
         assert subjects["real_dsc"].notna().all()
+        assert set(board["pool"]) == {"all", "all_real", "all_degraded", "best_real", *SOURCE_QUALITY}
+        assert board_meta["note"] is None and (board["n"] > 0).all()
     else:
         assert ranking_meta["kendall_tau"] is None
         assert subjects["real_dsc"].isna().all() and subjects["real_dsc"].dtype == np.float64
+        assert board.empty and "no labelled subject" in board_meta["note"]
 
 
 def test_report_schema_independent_of_gt(tmp_path: Path) -> None:
     for name, with_gt in (("gt", True), ("nogt", False)):
         paths = _write_scores(_scores(with_gt=with_gt, n_subjects=3), tmp_path / name)
         write_report(paths, tmp_path / name / "report", COHORT, 0.5, METADATA)
-    for table in ("subjects", "slices", "summary", "ranking"):
+    for table in ("subjects", "slices", "summary", "ranking", "methods"):
         schemas = [pq.read_schema(tmp_path / n / "report" / f"{table}.parquet") for n in ("gt", "nogt")]
         assert schemas[0].remove_metadata() == schemas[1].remove_metadata(), table
 
@@ -320,6 +328,23 @@ def test_verdict_score_without_its_values_is_refused(tmp_path: Path) -> None:
     paths = _write_scores(_scores(n_subjects=2), tmp_path)
     with pytest.raises(ValueError, match="no learned_dsc values"):
         write_report(paths, tmp_path / "report", COHORT, 0.5, METADATA, verdict_score="learned")
+
+
+def test_methods_left_out_leave_no_column(tmp_path: Path) -> None:
+    """The config's methods: an opinion left out has no column in any table and no row on the board."""
+    paths = _write_scores(_with_learned(_scores(noise=0.02), wrong_source="user_model"), tmp_path)
+    full = write_report(paths, tmp_path / "full", COHORT, 0.8, METADATA)
+    assert {"learned_dsc", "combined_dsc", "baseline_vae_recon_dsc"} <= set(full["subjects"].columns)
+    assert {"learned", "combined"} <= set(full["methods"]["method"])
+    only = write_report(paths, tmp_path / "nnqc", COHORT, 0.8, METADATA, methods=["nnqc"])
+    opinions = {"learned_dsc", "learned_nsd", "combined_dsc", "baseline_vae_recon_dsc", "baseline_agreement_dsc"}
+    for name in ("subjects", "slices"):
+        assert not opinions & set(pd.read_parquet(tmp_path / "nnqc" / f"{name}.parquet").columns), name
+    assert set(only["methods"]["method"]) == {"nnqc", "calibrated"}
+    assert not {"learned_dsc", "combined_dsc"} & set(only["summary"]["metric"])
+    with pytest.raises(ValueError, match="needs the learned opinion in methods"):
+        write_report(paths, tmp_path / "refused", COHORT, 0.8, METADATA, verdict_score="combined",
+                     methods=["nnqc", "agreement"])
 
 
 def test_write_report_rejects_other_cohort(tmp_path: Path) -> None:

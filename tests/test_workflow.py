@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from nnqc_pipe.data import demo
 from nnqc_pipe.data.io import read_json, read_parquet_metadata
 from nnqc_pipe.qc.columns import is_nullable
+from nnqc_pipe.report.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -280,8 +281,29 @@ def test_demo_report_tables(demo_run):
     assert meta["pipeline_version"] and meta["config_hash"]
     assert set(meta["checkpoints"]) == {"vae.pt", "ldm.pt", "qcnet.pt"}
     assert meta["model_card"]["encoder"]["pretrained"] is False
-    for figure in ("predicted_vs_real_dsc.png", "mae_per_level.png", "worst_overlays.png"):
+    for figure in ("predicted_vs_real_dsc.png", "mae_per_level.png", "worst_overlays.png", "methods.png"):
         assert (report / "figures" / figure).stat().st_size > 1000
+    check_methods_board(report, subjects)
+
+
+def check_methods_board(report: Path, subjects: pd.DataFrame) -> None:
+    """methods.parquet: every method with a score is on the board, in every pool there is (no user source here:
+    no all_real, no best_real), with sane figures; nnQC's pooled figures equal the summary's."""
+    board = pd.read_parquet(report / "methods.parquet")
+    meta = read_parquet_metadata(report / "methods.parquet")
+    assert meta["note"] is None and meta["methods"] == list(dict.fromkeys(board.method))
+    expected = {m for m, c in METHODS.items() if c in subjects and subjects[c].notna().any()}
+    assert set(board.method) == expected and {"nnqc", "learned", "vae_recon"} <= expected
+    assert set(board.label) == set(subjects.label)
+    assert set(board.pool) == {"all", "all_degraded", *subjects.source}
+    assert board.n.gt(0).all() and board.mae.between(0, 1).all() and board.pearson_r.dropna().between(-1, 1).all()
+    assert board.failure_auc.dropna().between(0, 1).all() and board.pairwise_accuracy.dropna().between(0, 1).all()
+    row = board[(board.method == "nnqc") & (board.pool == "all") & (board.label == "foreground")].iloc[0]
+    assert row.n_sources == 6 and row.n_pairs > 0 and row.kendall_tau >= 0.6
+    summary = pd.read_parquet(report / "summary.parquet").set_index(["source", "label", "metric"])
+    for stat in ("n", "pearson_r", "mae", "failure_auc", "aurc"):
+        assert row[stat] == pytest.approx(summary.loc[("all", "foreground", "dsc"), stat]), stat
+    assert (report / "figures" / "methods.html").stat().st_size > 1000
 
 
 def test_demo_predicted_quality(demo_run):

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 class Inference:
     """The pGT (class indices, original grid) and per-slice facts in original slice order.
 
-    ``slices`` has slice_index, slice_ratio, uncertainty and the VAE-reconstruction counts of the candidate
-    (:func:`nnqc_pipe.qc.baselines.reconstruction_counts`), and with the learned opinion its soft error counts
+    ``slices`` has slice_index, slice_ratio, uncertainty and (when computed) the VAE-reconstruction counts of the
+    candidate (:func:`nnqc_pipe.qc.baselines.reconstruction_counts`), and with the learned opinion its soft error counts
     (:func:`nnqc_pipe.qc.learned.learned_slice_counts`); ``estimated`` is then the learned opinion's estimated
     truth (class indices, original grid).
     """
@@ -61,7 +61,10 @@ def infer_subject(
     seed: int,
     learned: QCNet | None = None,
 ) -> Inference:
-    """pGT for one candidate of one subject, back on the original grid (and the learned opinion, when given)."""
+    """pGT for one candidate of one subject, back on the original grid (and the learned opinion, when given).
+
+    The VAE-reconstruction baseline's counts are computed unless ``inference_cfg["vae_recon"]`` is false (the
+    config's ``methods`` leaves ``vae_recon`` out)."""
     record = pre.record
     candidate_values = load_candidate(candidate_path, record)
     candidate_patch = to_patch_space(candidate_values, record)
@@ -81,9 +84,11 @@ def infer_subject(
     )
     pgt_indices = invert_probabilities(result.probabilities, record)
     axis, original_index = original_slice_order(record)
-    recon = invert_probabilities(reconstruct(models, candidate_patch, int(inference_cfg["batch_size"])), record)
     candidate_indices = values_to_indices(candidate_values, record["label_values"])
-    counts = reconstruction_counts(candidate_indices, recon, axis, models.n_classes)
+    counts: dict[str, np.ndarray] = {}
+    if inference_cfg.get("vae_recon", True):
+        recon = invert_probabilities(reconstruct(models, candidate_patch, int(inference_cfg["batch_size"])), record)
+        counts = reconstruction_counts(candidate_indices, recon, axis, models.n_classes)
     estimated = None
     if learned is not None:
         probabilities = learned.probabilities(pre.image, candidate_patch)

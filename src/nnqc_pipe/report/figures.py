@@ -1,5 +1,6 @@
 """Figures of the HTML report: predicted vs real scatter plots, MAE per source, predicted-quality distributions,
-verdict counts, risk–coverage curves, and overlays of the worst and of the REVIEW candidates.
+verdict counts, risk–coverage curves, overlays of the worst and of the REVIEW candidates, and the methods board
+(a figure and an HTML table).
 
 Overlays: for each chosen (source, subject) the slice with the most candidate-vs-pGT disagreement is shown in the
 preprocessed (patch) space: the image, the pGT outline (green), and the error map (candidate-only voxels in red,
@@ -26,6 +27,7 @@ from nnqc_pipe.data.preprocess import load_preprocessed, to_patch_space
 from nnqc_pipe.qc.columns import PREDICTED, REAL
 from nnqc_pipe.qc.decisions import risk_coverage_curve
 from nnqc_pipe.qc.metrics import FOREGROUND, METRICS, error_map
+from nnqc_pipe.report.methods import BEST_REAL, NO_LABELS_NOTE, leading_rows, present_methods
 
 ERROR_COLOURS = ListedColormap([(0, 0, 0, 0), (0.9, 0.1, 0.1, 0.8), (0.1, 0.4, 0.95, 0.8), (1.0, 0.85, 0.1, 0.8)])
 # Legend of every overlay: the error codes of qc.metrics.error_map and the pGT outline.
@@ -178,6 +180,72 @@ def plot_predicted_distributions(subjects: pd.DataFrame, path: str | os.PathLike
     ax.set_title("Predicted quality per source")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+METHOD_PANELS = (("pearson_r", "Pearson r (higher is better)"), ("mae", "MAE (lower is better)"))
+
+
+def plot_methods(board: pd.DataFrame, subjects: pd.DataFrame, path: str | os.PathLike,
+                 label: str = FOREGROUND) -> None:
+    """The methods board at a glance: Pearson r and MAE of each method against the real DSC in the pools ``all``,
+    ``all_real`` and ``best_real``; without labelled subjects, box plots of each method's predicted DSC."""
+    rows = leading_rows(board, label)
+    if rows.empty:
+        _plot_method_distributions(subjects, path, label)
+        return
+    methods = list(dict.fromkeys(rows["method"]))
+    pools = [(p, f"{p} ({g['sources'].iloc[0]})" if p == BEST_REAL else p) for p, g in rows.groupby("pool", sort=False)]
+    fig = Figure(figsize=(11, 0.35 * len(methods) * len(pools) + 2))
+    height = 0.8 / len(pools)
+    for i, (stat, title) in enumerate(METHOD_PANELS):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for k, (pool, name) in enumerate(pools):
+            values = rows[rows["pool"] == pool].set_index("method")[stat].reindex(methods)
+            ax.barh(np.arange(len(methods)) + k * height, values, height=height, label=name)
+        ax.set_yticks(np.arange(len(methods)) + height * (len(pools) - 1) / 2, methods)
+        ax.invert_yaxis()
+        ax.set_title(f"{title}, {label}")
+    fig.axes[0].legend(fontsize="small")
+    fig.suptitle("Which QC method to trust on this cohort (real DSC of the labelled candidates)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _plot_method_distributions(subjects: pd.DataFrame, path: str | os.PathLike, label: str) -> None:
+    """Box plots of each method's score of the candidates of ``label``, with the board's note."""
+    rows = subjects[subjects["label"] == label]
+    groups = [(m, rows[c].dropna().to_numpy()) for m, c in present_methods(rows).items()]
+    fig = Figure(figsize=(max(5, 1.0 * len(groups) + 2), 4.5))
+    ax = fig.add_subplot()
+    if groups:
+        ax.boxplot([g for _, g in groups], tick_labels=[m for m, _ in groups])
+    ax.set_ylabel(f"predicted DSC ({label})")
+    ax.set_title("Each method's predicted DSC", fontsize="medium")
+    fig.text(0.5, 0.01, NO_LABELS_NOTE, ha="center", va="bottom", fontsize="small", wrap=True)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    save_figure(fig, path)
+
+
+METHODS_TABLE_COLUMNS = ["method", "pool", "sources", "n", "pearson_r", "mae", "bias", "spearman_rho",
+                         "failure_auc", "sensitivity", "specificity", "aurc", "kendall_tau", "pairwise_accuracy"]
+
+
+def write_methods_table(board: pd.DataFrame, subjects: pd.DataFrame, path: str | os.PathLike,
+                        label: str = FOREGROUND) -> None:
+    """The methods board's rows of ``label`` in the pools ``all``, ``all_real`` and ``best_real`` as an HTML table;
+    without labelled subjects, the board's note and each method's predicted DSC summarised (n, mean, quartiles)."""
+    rows = leading_rows(board, label)
+    if rows.empty:
+        scores = subjects[subjects["label"] == label]
+        described = pd.DataFrame({m: scores[c].describe() for m, c in present_methods(scores).items()}).T
+        body = f"<p>{NO_LABELS_NOTE}.</p>" + described.to_html(float_format="{:.3f}".format, na_rep="—")
+    else:
+        body = rows[METHODS_TABLE_COLUMNS].to_html(index=False, float_format="{:.3f}".format, na_rep="—")
+    html = (f"<html><head><meta charset='utf-8'><title>QC methods board ({label})</title></head><body>"
+            f"<h3>QC methods against the real DSC ({label})</h3>{body}"
+            "<p>All pools, every label and every source: report/methods.parquet (docs/report.md).</p></body></html>")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(html, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from nnqc_pipe.data.io import atomic_path, concat_parquet, write_parquet
 from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, VAE_RECON_COLUMN
@@ -63,13 +62,20 @@ from nnqc_pipe.qc.decisions import (
 from nnqc_pipe.qc.learned import LEARNED_DSC
 from nnqc_pipe.qc.metrics import FLAGS, FOREGROUND, HIGHER_IS_BETTER, METRICS
 from nnqc_pipe.qc.ood import ood_table
+from nnqc_pipe.report.methods import (
+    ALL_DEGRADED,
+    ALL_SOURCES,
+    DEGRADED_PREFIX,
+    OPINIONS,
+    agreement,
+    board_metadata,
+    build_methods,
+    kendall_tau,
+    left_out_columns,
+)
 
 log = logging.getLogger(__name__)
 
-DEGRADED_PREFIX = "degraded_"
-ALL_SOURCES = "all"
-ALL_DEGRADED = "all_degraded"
-MIN_PEARSON_PAIRS = 3
 TUKEY_K = 1.5
 
 
@@ -279,7 +285,7 @@ def build_summary(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame
                 if real_col != f"{REAL}_dsc":
                     detection = {k: v for k, v in detection.items() if k not in FAILURE_COLUMNS}
                 rows.append({"cohort": cohort, "source": source, "label": label, "metric": metric,
-                             **detection, **_agreement(pred, real)})
+                             **detection, **agreement(pred, real)})
     return typed(pd.DataFrame(rows), SUMMARY_SCHEMA)
 
 
@@ -302,21 +308,6 @@ def _source_pools(group: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     pools = [(str(source), rows) for source, rows in group.groupby("source", sort=True)]
     degraded = group[group["source"].str.startswith(DEGRADED_PREFIX)]
     return [*pools, (ALL_SOURCES, group), (ALL_DEGRADED, degraded)]
-
-
-def _agreement(predicted: np.ndarray, real: np.ndarray) -> dict[str, float | int]:
-    """n, Pearson r, MAE and the sample std of the absolute errors over pairs with both values finite."""
-    both = np.isfinite(predicted) & np.isfinite(real)
-    pred, ref = predicted[both], real[both]
-    errors = np.abs(pred - ref)
-    constant = pred.size > 0 and (np.ptp(pred) == 0 or np.ptp(ref) == 0)
-    pearson = np.nan if pred.size < MIN_PEARSON_PAIRS or constant else float(stats.pearsonr(pred, ref)[0])
-    return {
-        "n": int(pred.size),
-        "pearson_r": pearson,
-        "mae": float(errors.mean()) if errors.size else np.nan,
-        "mae_std": float(errors.std(ddof=1)) if errors.size > 1 else np.nan,
-    }
 
 
 def build_ranking(subjects: pd.DataFrame, metric: str = "dsc", label: str = FOREGROUND) -> pd.DataFrame:
@@ -344,7 +335,7 @@ def build_ranking(subjects: pd.DataFrame, metric: str = "dsc", label: str = FORE
     by_cohort = ranking.groupby("cohort")
     ranking["predicted_rank"] = by_cohort[pred_col].rank(method="min", ascending=not descending)
     ranking["real_rank"] = by_cohort[real_col].rank(method="min", ascending=not descending)
-    taus = {c: _kendall_tau(g[pred_col], g[real_col]) for c, g in by_cohort}
+    taus = {c: kendall_tau(g[pred_col], g[real_col]) for c, g in by_cohort}
     ranking["kendall_tau"] = ranking["cohort"].map(taus).astype("float64")
     ranking = ranking.merge(_source_counts(rows), on=["cohort", "source"], how="left")
     return typed(ranking, ranking_schema(metric))
@@ -358,15 +349,6 @@ def _source_counts(rows: pd.DataFrame) -> pd.DataFrame:
         n_out_of_distribution=flags.astype(int), n_pass=(verdicts == "PASS").astype(int),
         n_review=(verdicts == "REVIEW").astype(int), n_fail=(verdicts == "FAIL").astype(int))
     return counts.groupby(["cohort", "source"], sort=True).sum().reset_index()
-
-
-def _kendall_tau(predicted: pd.Series, real: pd.Series) -> float:
-    """Kendall τ-b between two orders of sources; NaN with < 2 complete sources or a constant side."""
-    both = predicted.notna() & real.notna()
-    pred, ref = predicted[both].to_numpy(), real[both].to_numpy()
-    if pred.size < 2 or np.ptp(pred) == 0 or np.ptp(ref) == 0:
-        return float("nan")
-    return float(stats.kendalltau(pred, ref).statistic)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,11 +392,15 @@ def write_report(
     review_slices_per_subject: int = 5,
     agreement: pd.DataFrame | None = None,
     verdict_score: str = "nnqc",
+    methods: Sequence[str] = OPINIONS,
 ) -> dict[str, pd.DataFrame]:
     """Build the report tables from the scores files and write them to ``out_dir``.
 
     Tables: ``subjects`` (with verdicts), ``slices``, ``summary`` (with failure detection), ``ranking``,
-    ``selection`` (best source per subject), ``review`` (slices to look at first), and ``exclusions.tsv``.
+    ``selection`` (best source per subject), ``review`` (slices to look at first), ``methods`` (the methods board,
+    :func:`nnqc_pipe.report.methods.build_methods`) and ``exclusions.tsv``. The columns of the opinions not in
+    ``methods`` (the config's ``methods``, :data:`nnqc_pipe.report.methods.OPINION_COLUMNS`) are left out of every
+    table.
     Every Parquet file's schema metadata holds ``metadata`` (pipeline version, config hash, checkpoint hashes)
     plus ``cohort``, ``qc_pass_dsc`` and the verdict thresholds; ``ranking.parquet`` also holds ``kendall_tau``,
     ``ranking_metric`` and ``ranking_label``; ``selection.parquet`` the real DSC of the selection against the best
@@ -424,6 +410,9 @@ def write_report(
     tables by name.
     """
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
+    left_out = left_out_columns(methods)
+    if VERDICT_SCORES.get(verdict_score) in left_out:
+        raise ValueError(f"report.verdict_score {verdict_score!r} needs the learned opinion in methods")
     scores = concat_parquet(scores_paths)
     if scores.empty:
         raise ValueError(f"cohort {cohort!r}: no score rows in {len(scores_paths)} scores files")
@@ -436,11 +425,13 @@ def write_report(
         ood = ood_table(dict(records), fingerprint, scores[scores["level"] == "volume"])
     subjects, fits = add_predictors(subject_rows(scores, ood), agreement)
     subjects = apply_verdicts(subjects, qc_pass_dsc, thresholds, verdict_score)
-    tables = {"subjects": subjects, "slices": build_slices(scores)}
+    tables = {"subjects": subjects.drop(columns=left_out),
+              "slices": build_slices(scores).drop(columns=left_out, errors="ignore")}
     tables["summary"] = build_summary(tables["subjects"], thresholds.fail_dsc)
     tables["ranking"] = build_ranking(tables["subjects"], ranking_metric, ranking_label)
     tables["selection"] = build_selection(tables["subjects"], use_pgt_when_all_fail, thresholds.fail_dsc)
     tables["review"] = review_slices(tables["slices"], tables["subjects"], review_slices_per_subject)
+    tables["methods"] = build_methods(tables["subjects"], thresholds.fail_dsc)
     common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc, "verdict_thresholds": asdict(thresholds),
               "verdict_score": {"score": verdict_score, "column": VERDICT_SCORES[verdict_score]}, **fits}
     tau = _single_tau(tables["ranking"])
@@ -448,6 +439,7 @@ def write_report(
         "ranking": {"kendall_tau": tau, "ranking_metric": ranking_metric, "ranking_label": ranking_label},
         "selection": {"selection_summary": _json_safe(selection_summary(tables["subjects"], tables["selection"])),
                       "use_pgt_when_all_fail": use_pgt_when_all_fail},
+        "methods": board_metadata(tables["methods"], tables["subjects"], thresholds.fail_dsc),
     }
     out = Path(out_dir)
     for name, table in tables.items():
@@ -462,6 +454,9 @@ def write_report(
         cohort, len(tables["subjects"]), len(tables["slices"]), len(tables["ranking"]),
         ranking_metric, ranking_label, tau, counts, len(exclusions),
     )
+    board = extra_meta["methods"]
+    log.info("methods board: %d rows, methods %s%s", len(tables["methods"]), board["methods"],
+             f" ({board['note']})" if board["note"] else "")
     return tables
 
 

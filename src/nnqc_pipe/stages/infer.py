@@ -33,7 +33,8 @@ def infer(tasks: dict[str, list[str]], npz: str, embeddings: str | None, candida
         embeddings: embeddings path pattern with {subject} ('none' when the LDM does not use the image).
         candidates: JSON object source -> candidate mask path pattern with {subject}.
         model_dir: folder with vae.pt and ldm.pt.
-        inference: JSON object of the config's inference section (ddim_steps, samples, batch_size, ...).
+        inference: JSON object of the config's inference section (ddim_steps, samples, batch_size, ...; with
+            "vae_recon": false the VAE-reconstruction baseline is not computed).
         out_pgt: pGT path pattern with {source} and {subject}.
         out_slices: per-slice facts path pattern with {source} and {subject}.
         out_errors: error map path pattern with {source} and {subject} ('none': not saved).

@@ -36,7 +36,7 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
         out_dir: report folder.
         cohort: the cohort name.
         settings: JSON object of the config's report section (thresholds, n_overlays, ...) with the selection
-            section under "selection".
+            section under "selection" and the QC opinions computed (the config's methods) under "methods".
         config_digest: hash of the config (provenance).
         model_dir: folder with vae.pt, ldm.pt and model_card.json.
         plan_json: the cohort's plan.json (slicing axis of the review regions).
@@ -64,13 +64,15 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
     chunk_rows = read_chunk_records(score_chunks)
     scores = chunk_rows.loc[chunk_rows["kind"] == "scores"]
     inspect_records = {s: read_json(fill(inspect, subject=s)) for s in sorted(set(scores["subject"]))}
-    agreement = agreement_table(scores[["subject", "source"]], candidates, plan_.label_map)
+    methods = settings["methods"]
+    agreement = (agreement_table(scores[["subject", "source"]], candidates, plan_.label_map)
+                 if "agreement" in methods else None)
     tables = write_report(scores["path"].tolist(), out_dir, cohort, settings["qc_pass_dsc"], metadata,
                           thresholds=thresholds,
                           use_pgt_when_all_fail=settings["selection"]["use_pgt_when_all_fail"],
                           review_slices_per_subject=settings["review_slices_per_subject"], agreement=agreement,
                           ood_inputs=(inspect_records, read_json(fingerprint_json)),
-                          verdict_score=settings["verdict_score"])
+                          verdict_score=settings["verdict_score"], methods=methods)
     regions = error_region_table(tables["subjects"], candidates, pgt, plan_.slicing_axis)
     if learned:
         regions = pd.concat([regions, error_region_table(tables["subjects"], candidates, learned, plan_.slicing_axis,
@@ -90,6 +92,8 @@ def write_figures(tables: dict, folder: Path, results_dir: Path, candidates: dic
     figures.plot_predicted_distributions(subjects, folder / "predicted_distributions.png")
     figures.plot_verdicts(subjects, folder / "verdicts.png")
     figures.plot_risk_coverage(subjects, folder / "risk_coverage.png", thresholds.fail_dsc)
+    figures.plot_methods(tables["methods"], subjects, folder / "methods.png")
+    figures.write_methods_table(tables["methods"], subjects, folder / "methods.html")
     figures.plot_worst_overlays(subjects, results_dir, candidates, settings["n_overlays"],
                                 folder / "worst_overlays.png")
     figures.plot_review_gallery(subjects, results_dir, candidates, settings["n_overlays"],
