@@ -1,15 +1,33 @@
 """Wang's latent search (nnqc_pipe.models.latent_search) on phantom slices: a joint VAE trained on disks (image and
-mask agree), searched from true and broken pairs."""
+mask agree), searched from true and broken pairs; its training stage (rule train_latent_vae) on a tiny cohort,
+resumed; the latent-search DSC counted from the surrogate."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from nnqc_pipe.models.latent_search import JointVAE, SearchSettings, VAESettings, latent_search, train_joint_vae
+from nnqc_pipe.models.latent_search import (
+    LATENT_VAE,
+    JointVAE,
+    LatentVAETrainer,
+    SearchSettings,
+    latent_search,
+    load_latent_search,
+)
+from nnqc_pipe.models.training import SliceSet
+from nnqc_pipe.qc.baselines import LATENT_PREFIX, reconstruction_counts, reconstruction_dice
+from nnqc_pipe.stages.latent import train_latent_vae
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 SIZE = 32
+CFG = {"channels": [8, 16, 32], "latent_size": 16, "lr": 3e-3, "beta": 1e-3, "batch_size": 32, "val_max_slices": 64,
+       "search": {"steps": 30}}
 
 
 def disks(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -24,6 +42,11 @@ def disks(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, masks
 
 
+def slice_set(images: np.ndarray, masks: np.ndarray) -> SliceSet:
+    return SliceSet(label=masks.astype(np.uint8), slice_ratio=np.zeros(len(masks), np.float32),
+                    subject=np.zeros(len(masks), np.int32), names=["disks"], image=images.astype(np.float16))
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
 
@@ -31,10 +54,13 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def model() -> JointVAE:
     torch.manual_seed(0)
-    vae = JointVAE(2, (SIZE, SIZE), latent_size=16, channels=(8, 16, 32))
-    history = train_joint_vae(vae, *disks(256, seed=0), VAESettings(epochs=40, learning_rate=3e-3))
+    trainer = LatentVAETrainer(CFG, 2, (SIZE, SIZE), torch.device("cpu"))
+    trainer.attach(slice_set(*disks(256, seed=0)), slice_set(*disks(32, seed=2)), seed=0)
+    history = [trainer.run_epoch(epoch) for epoch in range(40)]
     assert history[-1]["loss"] < 0.2 * history[0]["loss"]
-    return vae
+    assert trainer.validate(40, final=True)["val_dice"] > 0.9
+    trainer.net.eval()
+    return trainer.net
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +108,57 @@ def test_slices_are_searched_independently_of_their_batch(model, test_pairs):
     np.testing.assert_allclose(together.z, apart.z, atol=1e-4)
     np.testing.assert_array_equal(together.surrogate, apart.surrogate)
     assert all(p.requires_grad for p in model.parameters())  # the weights are frozen during the search only
+
+
+def test_the_latent_search_dsc_of_true_pairs_is_counted_near_one(model, test_pairs):
+    """The surrogate of a true pair, counted per slice like the infer stage does, gives a volume DSC near 1 (the
+    volume's from the summed counts, not a mean of slices)."""
+    images, masks = test_pairs
+    surrogate = latent_search(model, images, masks, SearchSettings(steps=30)).surrogate
+    counts = reconstruction_counts(masks, surrogate, 0, 2, LATENT_PREFIX)
+    slices = pd.DataFrame({"slice_index": np.arange(len(masks)), **counts})
+    scores = reconstruction_dice(slices, {1: "disk"}, [1], LATENT_PREFIX)
+    assert scores[("foreground", None)] >= 0.93 and scores[("disk", None)] == scores[("foreground", None)]
+    overlap, total = counts["latent_overlap_fg"].sum(), counts["latent_total_fg"].sum()
+    assert scores[("foreground", None)] == pytest.approx(2 * overlap / total)
+
+
+def _tiny_cohort(root) -> dict:
+    """Six preprocessed disk subjects (4 train, 2 val), a split and a plan."""
+    rows = []
+    for i in range(6):
+        images, masks = disks(8, seed=10 + i)
+        np.savez(root / f"s{i}.npz", image=images, label=masks.astype(np.uint8),
+                 slice_ratio=np.linspace(0, 1, 8, dtype=np.float32))
+        rows.append({"subject": f"s{i}", "role": "train" if i < 4 else "val"})
+    pd.DataFrame(rows).to_csv(root / "split.tsv", sep="\t", index=False)
+    plan = {"slicing_axis": 2, "inplane_axes": [0, 1], "target_spacing": [1.0, 1.0], "patch_size": [SIZE, SIZE],
+            "n_classes": 2, "label_values": [1], "label_names": ["disk"], "normalization": "zscore"}
+    (root / "plan.json").write_text(json.dumps(plan))
+    return {"split_tsv": root / "split.tsv", "npz": str(root / "{subject}.npz"), "plan_json": root / "plan.json"}
+
+
+def _settings(epochs: int) -> dict:
+    return {"preset": "tiny", "expert": {"tiny_fallback": True}, "perceptual_weights": None,
+            "model": {"latent_search": {"epochs": epochs, "batch_size": 16}}}
+
+
+def test_training_stage_writes_the_model_and_resumes(tmp_path, caplog):
+    cohort = _tiny_cohort(tmp_path)
+    out = tmp_path / "models"
+    train_latent_vae(**cohort, settings=_settings(1), out_dir=out, device="cpu", seed=3)
+    first = torch.load(out / LATENT_VAE, weights_only=True)
+    assert first["epoch"] == 1 and first["step"] == 2  # 32 training slices in batches of 16
+    caplog.set_level("INFO")
+    train_latent_vae(**cohort, settings=_settings(2), out_dir=out, device="cpu", seed=3)
+    assert "resuming from" in caplog.text and "after epoch 1" in caplog.text
+    resumed = torch.load(out / LATENT_VAE, weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["curves"][0] == first["curves"][0]
+    curves = pd.read_csv(out / "latent_vae_curves.csv")
+    assert list(curves["epoch"]) == [1, 2] and {"loss", "image_mse", "mask_ce", "kl", "val_dice"} <= set(curves)
+    assert 0 <= curves["val_dice"].max() <= 1
+    search = load_latent_search(out / LATENT_VAE, "cpu")
+    assert search.settings.steps == 10 and search.n_classes == 2  # the tiny preset's search, from the checkpoint
+    images, masks = disks(3, seed=99)
+    assert search.probabilities(images, masks).shape == (3, 2, SIZE, SIZE)
+    assert load_latent_search(out / LATENT_VAE, "cpu", {"steps": 2}).settings.steps == 2

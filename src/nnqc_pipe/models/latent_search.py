@@ -3,7 +3,7 @@ it closest to a test pair.
 
 - **The manifold**: a joint VAE over slices of (image, one-hot ground truth), MONAI's ``VarAutoEncoder`` with one
   output channel for the image and one per class for the mask logits, trained on the labelled training subjects
-  with image MSE + mask cross-entropy + β·KL (:func:`vae_loss`, :func:`train_joint_vae`).
+  with image MSE + mask cross-entropy + β·KL (:func:`vae_loss`, :class:`LatentVAETrainer`).
 - **The search** (:func:`latent_search`): for each slice of (image, candidate), the latent code starts at the
   encoder's mean of the pair and descends (Adam, a fixed number of steps) on the decoded pair's distance to it,
   ``w_image·MSE(image) + w_mask·CE(candidate) + w_prior·|z|²/2``; the decoded mask is the **surrogate
@@ -14,12 +14,19 @@ it closest to a test pair.
 The loss of every slice depends on its own code only and Adam's update is element-wise, so the search of a slice
 does not depend on the other slices of its batch: slices are searched together, in batches, for speed only.
 
-Not yet a stage of the workflow: the network, its loss, a plain training loop and the search.
+Rule ``train_latent_vae`` trains the VAE (:class:`LatentVAETrainer` on :func:`nnqc_pipe.models.training.fit`:
+resumable, time-capped, best weights on the validation slices' reconstruction Dice) and writes ``latent_vae.pt``;
+the infer stage searches every candidate (:func:`load_latent_search`, :func:`latent_search`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,20 +34,41 @@ import torch.nn.functional as F
 from monai.networks.nets import VarAutoEncoder
 from torch import nn
 
+from nnqc_pipe.dice import dice_from_counts
 from nnqc_pipe.models.autoencoder import kl_divergence, one_hot
-from nnqc_pipe.models.device import seed_everything
+from nnqc_pipe.models.device import resolve_device, seed_everything
+from nnqc_pipe.models.presets import training_hash
+from nnqc_pipe.models.training import (
+    RunState,
+    SliceSet,
+    batches_of,
+    fit,
+    load_state,
+    progress,
+    read_checkpoint,
+    seed_epoch,
+)
+
+log = logging.getLogger(__name__)
+
+LATENT_VAE = "latent_vae.pt"
 
 
 class JointVAE(nn.Module):
     """A VAE over (image, mask) slices: ``encode`` gives the posterior mean and log-variance of the latent vector,
-    ``decode`` the image and the mask logits."""
+    ``decode`` the image and the mask logits. Each of ``channels`` halves the slice (stride 2)."""
 
     def __init__(self, n_classes: int, patch_size: tuple[int, int], latent_size: int = 64,
-                 channels: tuple[int, ...] = (16, 32, 64), strides: tuple[int, ...] = (2, 2, 2)) -> None:
+                 channels: tuple[int, ...] = (16, 32, 64)) -> None:
         super().__init__()
+        factor = 2 ** len(channels)
+        if any(s % factor for s in patch_size):
+            raise ValueError(f"patch size {tuple(patch_size)} is not a multiple of {factor}, the joint VAE's "
+                             f"downsampling with latent_search.channels {list(channels)}")
         self.n_classes = n_classes
         self.net = VarAutoEncoder(spatial_dims=2, in_shape=(1 + n_classes, *patch_size), out_channels=1 + n_classes,
-                                  latent_size=latent_size, channels=channels, strides=strides, use_sigmoid=False)
+                                  latent_size=latent_size, channels=channels, strides=(2,) * len(channels),
+                                  use_sigmoid=False)
 
     def encode(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance [B, latent] of image slices [B, H, W] and class-index masks [B, H, W]."""
@@ -65,55 +93,118 @@ def vae_loss(model: JointVAE, image: torch.Tensor, mask: torch.Tensor, beta: flo
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
-@dataclass(frozen=True)
-class VAESettings:
-    """Training of the joint VAE: epochs over the slices, batch size, Adam learning rate, KL weight, seed."""
+class LatentVAETrainer:
+    """The joint VAE's training run (a :class:`nnqc_pipe.models.training.Trainer`): epochs over the training slices
+    (image + class-index label), selected on the validation slices' reconstruction Dice.
 
-    epochs: int = 50
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    beta: float = 1e-3
-    seed: int = 0
+    ``cfg`` is the preset's ``latent_search`` section (channels, latent_size, lr, beta, batch_size,
+    val_max_slices). The validation score ``val_dice`` is the foreground Dice of the decoded mask of the encoder's
+    mean against the label, counted over every validation slice (at most ``val_max_slices``, evenly spaced).
+    """
 
+    kind = "latent_vae"
+    selection_key = "val_dice"
 
-def train_joint_vae(model: JointVAE, images: np.ndarray, masks: np.ndarray, settings: VAESettings
-                    ) -> list[dict[str, float]]:
-    """Train ``model`` in place on slices ``images`` [N, H, W] (float) and ``masks`` [N, H, W] (class indices), on
-    the model's device; returns the mean loss parts per epoch."""
-    seed_everything(settings.seed)
-    device = next(model.parameters()).device
-    x = torch.as_tensor(images, dtype=torch.float32, device=device)
-    y = torch.as_tensor(masks, dtype=torch.long, device=device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    generator = torch.Generator().manual_seed(settings.seed)
-    history = []
-    model.train()
-    for _ in range(settings.epochs):
+    def __init__(self, cfg: dict[str, Any], n_classes: int, patch_size: Sequence[int], device: torch.device) -> None:
+        self.cfg, self.n_classes, self.device = cfg, n_classes, device
+        self.patch_size = tuple(int(s) for s in patch_size)
+        self.net = JointVAE(n_classes, self.patch_size, cfg["latent_size"], tuple(cfg["channels"])).to(device)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
+        self.train_set: SliceSet | None = None
+        self.val_set: SliceSet | None = None
+        self.seed, self.n_slices = 0, 0
+
+    def attach(self, train: SliceSet, val: SliceSet, seed: int) -> None:
+        """Training and validation slices (with images), and the run's seed."""
+        if train.image is None or val.image is None:
+            raise ValueError("the joint VAE needs the image slices (load_slices(..., with_image=True))")
+        self.train_set, self.val_set, self.seed, self.n_slices = train, val, seed, len(train)
+
+    def _batch(self, data: SliceSet, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        assert data.image is not None
+        return (torch.as_tensor(data.image[index], dtype=torch.float32, device=self.device),
+                torch.as_tensor(data.label[index], dtype=torch.long, device=self.device))
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training slices in random batches: the mean loss and its parts, and ``steps``."""
+        assert self.train_set is not None
+        rng = seed_epoch(self.seed, epoch, stream=5)
+        batches = batches_of(rng.permutation(len(self.train_set)), self.cfg["batch_size"])
+        self.net.train()
         sums: dict[str, float] = {}
-        batches = torch.randperm(len(x), generator=generator).split(settings.batch_size)
-        for batch in batches:
-            optimiser.zero_grad()
-            loss, parts = vae_loss(model, x[batch], y[batch], settings.beta)
+        for index in progress(batches, len(batches), f"latent_vae epoch {epoch + 1}"):
+            loss, parts = vae_loss(self.net, *self._batch(self.train_set, index), self.cfg["beta"])
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimiser.step()
+            self.opt.step()
             for key, value in {"loss": float(loss.detach()), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
-        history.append(sums)
-    model.eval()
-    return history
+        return sums | {"steps": len(batches)}
+
+    @torch.inference_mode()
+    def validate(self, epoch: int, final: bool) -> dict[str, float]:
+        """Foreground Dice of the validation slices' reconstructions (encoder mean, decoded), counted over them."""
+        assert self.val_set is not None
+        n = len(self.val_set)
+        if not n:
+            return {"val_dice": 0.0}
+        index = np.unique(np.linspace(0, n - 1, min(n, self.cfg["val_max_slices"])).astype(np.int64))
+        self.net.eval()
+        overlap = total = 0
+        for start in range(0, len(index), self.cfg["batch_size"]):
+            image, label = self._batch(self.val_set, index[start:start + self.cfg["batch_size"]])
+            predicted = self.net.decode(self.net.encode(image, label)[0])[1].argmax(1) > 0
+            truth = label > 0
+            overlap += int((predicted & truth).sum())
+            total += int(predicted.sum() + truth.sum())
+        return {"val_dice": float(dice_from_counts(overlap, total, 0))}
+
+    def selected_weights(self) -> dict[str, torch.Tensor]:
+        """The network's weights."""
+        return self.net.state_dict()
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore the network and optimiser from a saved state."""
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+
+    def state(self, **extra: Any) -> dict[str, Any]:
+        """The full training state (with the network's shape and the search settings) plus ``extra``."""
+        return {"kind": self.kind, "n_classes": self.n_classes, "patch_size": list(self.patch_size),
+                "net": {"channels": list(self.cfg["channels"]), "latent_size": self.cfg["latent_size"]},
+                "search": dict(self.cfg["search"]), "model": self.net.state_dict(), "opt": self.opt.state_dict(),
+                **extra}
+
+
+def train_latent_vae(train: SliceSet, val: SliceSet, cfg: dict[str, Any], out_dir: str | os.PathLike, device: str,
+                     seed: int) -> None:
+    """Train (or resume) the joint VAE (``cfg``: the resolved preset) and write ``latent_vae.pt`` and its curves."""
+    dev = resolve_device(device)
+    seed_everything(seed)
+    trainer = LatentVAETrainer(cfg["latent_search"], cfg["n_classes"], cfg["patch_size"], dev)
+    trainer.attach(train, val, seed)
+    run_hash = training_hash(cfg, "latent_search", {"train": train.names, "val": val.names, "seed": seed})
+    state = load_state(Path(out_dir) / f"{trainer.kind}_state.pt", run_hash)
+    run = RunState()
+    if state is not None:
+        trainer.load(state)
+        run = RunState.from_state(state)
+    log.info("latent_vae: %d training slices of %d subjects, %d validation slices of %d subjects, device %s",
+             len(train), len(train.names), len(val), len(val.names), dev)
+    fit(trainer, cfg["latent_search"], run, out_dir, config_hash=run_hash)
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """The latent search: Adam ``steps`` at ``learning_rate`` on ``image_weight``·MSE + ``mask_weight``·CE +
-    ``prior_weight``·|z|²/2, ``batch_size`` slices at a time.
+    """The latent search (the preset's ``latent_search.search``): Adam ``steps`` at ``lr`` on
+    ``image_weight``·MSE + ``mask_weight``·CE + ``prior_weight``·|z|²/2, ``batch_size`` slices at a time.
 
     The image weight 10 is the phantoms' (tests/test_latent_search.py: at 1 the mask term keeps half-erased disks
     half-erased, at 10 the surrogate recovers most of the disk while true pairs stay put); not yet measured on a
     cohort."""
 
     steps: int = 50
-    learning_rate: float = 0.05
+    lr: float = 0.05
     image_weight: float = 10.0
     mask_weight: float = 1.0
     prior_weight: float = 1e-3
@@ -167,7 +258,7 @@ def _search(model: JointVAE, image: np.ndarray, candidate: np.ndarray, settings:
         with torch.no_grad():
             z0, _ = model.encode(x, y)
         z = z0.clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([z], lr=settings.learning_rate)
+        optimiser = torch.optim.Adam([z], lr=settings.lr)
         trace = []
         for _ in range(settings.steps):
             optimiser.zero_grad()
@@ -184,3 +275,33 @@ def _search(model: JointVAE, image: np.ndarray, candidate: np.ndarray, settings:
         codes.append(z.detach().cpu().numpy())
     return SearchResult(np.concatenate(surrogate).astype(np.int64), np.concatenate(probabilities),
                         np.concatenate(losses, axis=1), np.concatenate(codes))
+
+
+@dataclass
+class LatentSearch:
+    """A trained joint VAE ready for the search, with its search settings."""
+
+    model: JointVAE
+    settings: SearchSettings
+
+    @property
+    def n_classes(self) -> int:
+        """Classes of the masks, background included."""
+        return self.model.n_classes
+
+    def probabilities(self, image: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+        """[S, C, H, W] class probabilities of the surrogate of a preprocessed image and class-index candidate
+        stack."""
+        return latent_search(self.model, image, candidate, self.settings).probabilities
+
+
+def load_latent_search(path: str | os.PathLike, device: str = "auto", search: dict[str, Any] | None = None
+                       ) -> LatentSearch:
+    """The best weights of a trained ``latent_vae.pt`` on ``device``; ``search`` (the ``latent_search.search``
+    settings) replaces the ones it was trained with."""
+    state = read_checkpoint(path)
+    model = JointVAE(int(state["n_classes"]), tuple(state["patch_size"]), int(state["net"]["latent_size"]),
+                     tuple(state["net"]["channels"]))
+    model.load_state_dict(state["best_model"])
+    settings = SearchSettings(**(search if search is not None else state["search"]))
+    return LatentSearch(model=model.to(resolve_device(device)).eval(), settings=settings)

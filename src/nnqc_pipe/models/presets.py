@@ -22,7 +22,12 @@ SELECTION_SCORES = ("val_dice", "val_qc")
 RUN_LENGTH_KEYS = ("epochs", "max_minutes", "patience")
 # The preset sections each trained network depends on (its training hash).
 SECTION_DEPENDENCIES = {"vae": ["vae"], "ldm": ["vae", "ldm", "experts", "encoder", "noise"],
-                        "segmenter": ["segmenter"], "qcnet": ["qcnet"]}
+                        "segmenter": ["segmenter"], "qcnet": ["qcnet"], "latent_search": ["latent_search"]}
+# Inference-time settings inside a training section: never in a training hash or digest.
+SEARCH_KEY = "search"
+# Sections with a digest of their own (their rule's param): left out of the digest of the other training rules, so
+# that adding them did not retrain the models of existing results.
+OWN_DIGEST_SECTIONS = ("latent_search",)
 
 _COMMON: dict[str, Any] = {
     "encoder": {
@@ -54,6 +59,14 @@ _COMMON: dict[str, Any] = {
     "qcnet": {"channels": [16, 32, 64, 128], "res_units": 2, "lr": 1e-3, "epochs": 30, "volumes_per_epoch": 120,
               "volumes_per_step": 2, "patience": 8, "max_minutes": 12, "batch_size": 64,
               "loss_weights": {"bce": 1.0, "dice": 0.5, "dsc": 2.0}},
+    # Wang et al.'s latent search (models/latent_search.py): the joint image–mask VAE (each of ``channels`` halves
+    # the slice; loss image MSE + mask CE + beta·KL; selected on the validation slices' reconstruction Dice) and
+    # the search at inference (Adam ``steps`` at ``lr`` from the encoder's mean, ``batch_size`` slices at a time).
+    # Not yet measured on a cohort: the image weight 10 is the phantoms' (tests/test_latent_search.py).
+    "latent_search": {"channels": [16, 32, 64], "latent_size": 64, "beta": 1e-3, "lr": 2e-3, "batch_size": 32,
+                      "epochs": 40, "patience": 8, "max_minutes": 8, "val_max_slices": 512,
+                      "search": {"steps": 30, "lr": 0.05, "image_weight": 10.0, "mask_weight": 1.0,
+                                 "prior_weight": 1e-3, "batch_size": 64}},
     "noise": {
         "n_train_timesteps": 1000,
         "schedule": "scaled_linear_beta",
@@ -169,6 +182,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "segmenter": {"channels": [32, 64, 128, 256], "res_units": 2, "max_minutes": None},
             "qcnet": {"channels": [32, 64, 128, 256, 320], "epochs": 200, "volumes_per_epoch": 400, "patience": 30,
                       "max_minutes": None},
+            "latent_search": {"channels": [32, 64, 128, 256], "latent_size": 128, "epochs": 300, "patience": 30,
+                              "max_minutes": None, "search": {"steps": 100}},
             "noise": {"prediction_type": "epsilon"},
             "inference": {"ddim_steps": 20, "n_samples": 1, "batch_size": 32},
         },
@@ -207,6 +222,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "segmenter": {"channels": [8, 16], "checkpoints": [1, 2], "max_minutes": 2},
             "qcnet": {"channels": [8, 16, 32], "res_units": 1, "epochs": 2, "volumes_per_epoch": 16, "patience": None,
                       "max_minutes": 2},
+            "latent_search": {"channels": [8, 16], "latent_size": 16, "epochs": 2, "patience": None, "max_minutes": 2,
+                              "val_max_slices": 128, "search": {"steps": 10}},
             "inference": {"ddim_steps": 10, "batch_size": 32},
         },
     ),
@@ -232,12 +249,12 @@ def resolve(preset_name: str, overrides: dict[str, Any] | None, plan: dict[str, 
 def training_hash(cfg: dict[str, Any], section: str, extra: dict[str, Any] | None = None) -> str:
     """Hash of what a training run's result depends on, run-length fields excluded.
 
-    ``section`` is ``vae``, ``ldm``, ``segmenter`` or ``qcnet``; the LDM also depends on the autoencoder, the
-    experts, the encoder and the noise schedule. ``extra`` adds run inputs (subject lists, seed).
+    ``section`` is ``vae``, ``ldm``, ``segmenter``, ``qcnet`` or ``latent_search``; the LDM also depends on the
+    autoencoder, the experts, the encoder and the noise schedule. ``extra`` adds run inputs (subject lists, seed).
     """
     keys = ["patch_size", "n_classes", *SECTION_DEPENDENCIES[section]]
     relevant = {k: copy.deepcopy(cfg[k]) for k in keys}
-    for key in RUN_LENGTH_KEYS:
+    for key in (*RUN_LENGTH_KEYS, SEARCH_KEY):
         relevant[section].pop(key, None)
     relevant["extra"] = copy.deepcopy(extra or {})
     return config_hash(relevant)
@@ -273,13 +290,19 @@ def _validate(cfg: dict[str, Any]) -> None:
     factor = 2 ** (len(cfg["vae"]["channels"]) - 1)
     if any(s % factor for s in cfg["patch_size"]):
         raise ValueError(f"patch_size {cfg['patch_size']} must be a multiple of {factor} for vae.channels")
+    latent_factor = 2 ** len(cfg["latent_search"]["channels"])
+    if any(s % latent_factor for s in cfg["patch_size"]):
+        raise ValueError(f"patch_size {cfg['patch_size']} must be a multiple of {latent_factor} for "
+                         "latent_search.channels")
     if cfg["n_classes"] < 2:
         raise ValueError("n_classes must be at least 2 (background + one structure)")
 
 
 def required_divisor(cfg: dict[str, Any]) -> int:
-    """Patch-size multiple at which neither the autoencoder nor the UNet needs padding (a planner hint)."""
-    return 2 ** (len(cfg["vae"]["channels"]) - 1) * 2 ** (len(cfg["ldm"]["channels"]) - 1)
+    """Patch-size multiple at which neither the autoencoder nor the UNet needs padding, and the latent search's
+    VAE fits (a planner hint)."""
+    return max(2 ** (len(cfg["vae"]["channels"]) - 1) * 2 ** (len(cfg["ldm"]["channels"]) - 1),
+               2 ** len(cfg["latent_search"]["channels"]))
 
 
 def check_overrides(overrides: dict[str, Any], preset_name: str, where: str = "model") -> None:
@@ -294,9 +317,18 @@ def check_overrides(overrides: dict[str, Any], preset_name: str, where: str = "m
     _check_against(overrides, PRESETS[preset_name], where, preset_name)
 
 
-def training_digest(preset_name: str) -> str:
-    """Hash of a preset's training values (its ``inference`` section left out: sampling settings never retrain)."""
-    return config_hash({k: v for k, v in PRESETS[preset_name].items() if k != "inference"})
+def training_digest(preset_name: str, section: str | None = None) -> str:
+    """Hash of a preset's training values: of ``section`` alone (one of :data:`OWN_DIGEST_SECTIONS`), or of every
+    other section. Inference settings (the ``inference`` section, a section's ``search``) never retrain."""
+    preset = PRESETS[preset_name]
+    if section is not None:
+        return config_hash({k: v for k, v in preset[section].items() if k != SEARCH_KEY})
+    return config_hash({k: v for k, v in preset.items() if k not in ("inference", *OWN_DIGEST_SECTIONS)})
+
+
+def search_settings(overrides: dict[str, Any], preset_name: str) -> dict[str, Any]:
+    """The latent search's settings (``latent_search.search``) of a preset with the config's ``model`` overrides."""
+    return dict(deep_merge(PRESETS[preset_name], overrides)["latent_search"][SEARCH_KEY])
 
 
 def resolve_inference(inference: dict[str, Any], overrides: dict[str, Any], preset_name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "degrade": ("degrade", "degrade_manifest"),
     "models": ("embed", "import_model", "train_vae", "train_ldm"),
     "learned": ("train_segmenter", "learned_candidates", "train_qcnet"),
+    "latent": ("train_latent_vae",),
     "infer": ("infer",),
     "score": ("score",),
     "report": ("report",),
