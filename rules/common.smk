@@ -32,6 +32,7 @@ from nnqc_pipe.models.presets import (
     check_overrides,
     plan_overrides,
     resolve_inference,
+    search_settings,
     training_digest,
 )
 
@@ -113,6 +114,7 @@ SETTINGS = {
 # The preset's own training values: a param of the training rules, so that a new release's preset retrains the
 # models instead of silently reusing ones trained with the old values.
 PRESET_DIGEST = training_digest(config["preset"])
+LATENT_DIGEST = training_digest(config["preset"], "latent_search")
 # The plan rounds patch sizes to the preset networks' downsampling factor unless the config fixes it.
 PLAN_OVERRIDES = plan_overrides(config)
 USES_IMAGE = config["model"].get("experts", {}).get("mode", "full") in ("image", "full")
@@ -129,15 +131,36 @@ LEARNED = (
     and config["learned"].get("enabled", True)
     and (not QC_MODEL_SOURCE or os.path.isfile(f"{QC_MODEL_SOURCE}/qcnet.pt"))
 )
-# The QC opinions computed (nnqc_pipe.report.methods.OPINIONS): those listed, the learned one where it can run.
-METHODS = [m for m in config["methods"] if m != "learned" or LEARNED]
-# What infer needs: the inference section, with vae_recon: false when methods leaves that baseline out (a key
-# only then, so that the default leaves the infer jobs' params, and their outputs, as they were).
-INFERENCE_SETTINGS = (
-    config["inference"]
-    if "vae_recon" in METHODS
-    else {**config["inference"], "vae_recon": False}
+# Wang et al.'s latent search, when methods lists it: trained here, or taken from a qc_model bundle that has one.
+LATENT = "latent_search" in config["methods"] and (
+    not QC_MODEL_SOURCE or os.path.isfile(f"{QC_MODEL_SOURCE}/latent_vae.pt")
 )
+# The QC opinions computed (nnqc_pipe.report.methods.OPINIONS): those listed, the learned opinion and the latent
+# search where they can run.
+METHODS = [
+    m
+    for m in config["methods"]
+    if (m != "learned" or LEARNED) and (m != "latent_search" or LATENT)
+]
+# What infer needs: the inference section, with vae_recon: false when methods leaves that baseline out, and the
+# latent search's settings and surrogate path pattern when methods lists it (keys only then, so that the default
+# leaves the infer jobs' params, and their outputs, as they were).
+INFERENCE_SETTINGS = {
+    k: v for k, v in config["inference"].items() if k != "save_latent_surrogate"
+}
+if "vae_recon" not in METHODS:
+    INFERENCE_SETTINGS["vae_recon"] = False
+if LATENT:
+    INFERENCE_SETTINGS["latent_search"] = {
+        "search": search_settings(
+            config["model"], QC_BUNDLE["preset"] if QC_BUNDLE else config["preset"]
+        ),
+        "surrogate": (
+            f"{OUT}/latent_search/surrogate/{{source}}/{{subject}}.nii.gz"
+            if config["inference"]["save_latent_surrogate"]
+            else None
+        ),
+    }
 # What the report needs from the config: its thresholds, the source selection and the opinions computed.
 REPORT_SETTINGS = {
     **config["report"],

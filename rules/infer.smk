@@ -1,5 +1,5 @@
-# Inference: a pseudo ground truth for every candidate (source x subject), on the subject's original grid, and
-# the learned opinion's error maps (learned/estimated/...) when it is on.
+# Inference: a pseudo ground truth for every candidate (source x subject), on the subject's original grid, the
+# learned opinion's error maps (learned/estimated/...) and the latent search's counts when they are on.
 
 
 # Chunk test-NNNN / unlabelled-NNNN: pgt/{source}/{subject}.nii.gz (+ .slices.parquet, errors/...) for every source
@@ -14,6 +14,7 @@ rule infer:
         vae=f"{MODELS}/vae.pt",
         ldm=f"{MODELS}/ldm.pt",
         qcnet=f"{MODELS}/qcnet.pt" if LEARNED else [],
+        latent_vae=f"{MODELS}/latent_vae.pt" if LATENT else [],
     output:
         f"{CHUNKS_DIR}/infer/{{chunk}}.tsv",
     log:

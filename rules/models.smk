@@ -42,6 +42,7 @@ if QC_MODEL_SOURCE:
             vae=f"{MODELS}/vae.pt",
             ldm=f"{MODELS}/ldm.pt",
             qcnet=[f"{MODELS}/qcnet.pt"] if LEARNED else [],
+            latent_vae=[f"{MODELS}/latent_vae.pt"] if LATENT else [],
             card=f"{MODELS}/model_card.json",
             fingerprint=f"{OUT}/fingerprint.json",
             plan=f"{OUT}/plan.json",

@@ -9,6 +9,7 @@ rule report:
         vae=f"{MODELS}/vae.pt",
         ldm=f"{MODELS}/ldm.pt",
         qcnet=f"{MODELS}/qcnet.pt" if LEARNED else [],
+        latent_vae=f"{MODELS}/latent_vae.pt" if LATENT else [],
         plan=f"{OUT}/plan.json",
         fingerprint=f"{OUT}/fingerprint.json",
     output:

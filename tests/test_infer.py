@@ -133,3 +133,34 @@ def test_saved_pgt_has_file_values_and_original_affine(subject: SimpleNamespace,
     errors = np.asarray(nib.load(out / "errors.nii.gz").dataobj)
     np.testing.assert_array_equal(errors, np.where(_expected_pgt() > 0, 2, 0))  # all "missed": empty candidate
     pd.testing.assert_frame_equal(pd.read_parquet(out / "slices.parquet"), result.slices)
+
+
+def test_latent_search_counts_and_surrogate_on_the_original_grid(subject: SimpleNamespace, stub_sampler: dict
+                                                                 ) -> None:
+    """A surrogate equal to the candidate (a stub search: one-hot of the candidate patch) comes back on the original
+    grid as the candidate, so the per-slice counts give a latent-search DSC of 1 per slice and per volume."""
+    from nnqc_pipe.qc.baselines import LATENT_PREFIX, reconstruction_dice
+
+    candidate = subject.dir / "gt.nii.gz"
+    nib.save(nib.Nifti1Image(np.array([0, *LABEL_VALUES], np.uint8)[_expected_pgt()], AFFINE), candidate)
+    seen = {}
+
+    def probabilities(image: np.ndarray, patch: np.ndarray) -> np.ndarray:
+        seen.update(image=image, patch=patch)
+        return np.moveaxis(pp.one_hot(patch, 3), 0, 1)
+
+    latent = SimpleNamespace(n_classes=3, probabilities=probabilities)
+    result = infer_subject(SimpleNamespace(n_classes=3), subject.pre, candidate, None, INFERENCE, seed=0,
+                           latent=latent)
+    assert seen["image"] is subject.pre.image and seen["patch"].shape == (N_SLICES, *PATCH)
+    np.testing.assert_array_equal(result.surrogate, _expected_pgt())
+    slices = result.slices
+    assert {"latent_overlap_fg", "latent_total_fg", "latent_overlap_2"} <= set(slices.columns)
+    np.testing.assert_array_equal(slices["latent_total_fg"], 2 * slices["latent_overlap_fg"])
+    scores = reconstruction_dice(slices, {2: "a", 5: "b"}, LABEL_VALUES, LATENT_PREFIX)
+    assert scores[("foreground", None)] == 1.0 and scores[("b", None)] == 1.0
+    out = subject.dir
+    save_inference(result, subject.pre.record, out / "pgt.nii.gz", out / "slices.parquet", None,
+                   surrogate_path=out / "surrogate.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "surrogate.nii.gz").dataobj),
+                                  np.asarray(nib.load(candidate).dataobj))

@@ -124,9 +124,10 @@ def test_without_labels_the_board_is_empty_with_its_schema():
 
 
 def test_left_out_columns_of_the_methods_switch():
-    assert left_out_columns(["nnqc", "learned", "vae_recon", "agreement"]) == []
+    assert left_out_columns(["nnqc", "learned", "vae_recon", "agreement"]) == ["latent_search_dsc"]
+    assert left_out_columns(["nnqc", "learned", "vae_recon", "agreement", "latent_search"]) == []
     assert left_out_columns(["nnqc"]) == ["learned_dsc", "learned_nsd", "combined_dsc", "baseline_vae_recon_dsc",
-                                          "baseline_agreement_dsc"]
+                                          "baseline_agreement_dsc", "latent_search_dsc"]
     for wrong in (["learned"], ["nnqc", "wang"]):
         with pytest.raises(ValueError, match="must include nnqc"):
             left_out_columns(wrong)
@@ -145,3 +146,10 @@ def test_board_figure_and_html_table(tmp_path, labelled):
     assert "nnqc" in html and "learned" in html and "vae_recon" not in html
     assert ("best_real" in html and "unet_good" in html) if labelled else "no labelled subject" in html
     assert not list(tmp_path.glob(".*"))
+
+
+def test_latent_search_is_a_method_of_the_board():
+    table = subjects_table().assign(latent_search_dsc=lambda t: t["real_dsc"] - 0.1)
+    row = board_row(build_methods(table, fail_dsc=0.7), "latent_search", "all")
+    assert row["score_column"] == "latent_search_dsc" and row["bias"] == pytest.approx(-0.1)
+    assert row["pearson_r"] == pytest.approx(1.0) and row["kendall_tau"] == pytest.approx(1.0)

@@ -4,6 +4,7 @@
 
     OUT/vae.pt, ldm.pt            the trained networks (as in results/<cohort>/models/)
     OUT/qcnet.pt                  the learned QC opinion's network, when the cohort trained one
+    OUT/latent_vae.pt             the latent search's joint image–mask VAE, when the cohort trained one
     OUT/model_card.json           what was trained, how well (validation figures), with which vision expert
     OUT/plan.json                 the preprocessing plan the networks were trained with
     OUT/fingerprint.json          the training cohort's fingerprint (reference of the domain-shift check)
@@ -41,8 +42,9 @@ MANIFEST = "MANIFEST"
 MODEL_FILES = ("vae.pt", "ldm.pt", "model_card.json")
 COHORT_FILES = ("plan.json", "fingerprint.json")
 BUNDLE_FILES = (*MODEL_FILES, *COHORT_FILES, DESCRIPTION)
-# Networks a bundle carries when the training cohort has them (the learned opinion is optional).
-OPTIONAL_MODEL_FILES = ("qcnet.pt",)
+# Networks a bundle carries when the training cohort has them (the learned opinion and the latent search are
+# optional).
+OPTIONAL_MODEL_FILES = ("qcnet.pt", "latent_vae.pt")
 
 
 class BundleError(ValueError):

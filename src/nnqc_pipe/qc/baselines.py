@@ -11,6 +11,10 @@ VAE reconstruction (the "distance to the manifold of plausible shapes" family, G
 decoded). It needs no other source and no image. The inference stage counts, per original slice, the overlap and
 the total size of candidate and reconstruction (:func:`reconstruction_counts`, stored in the per-slice table);
 the score stage turns the counts into slice and volume DSCs (:func:`reconstruction_dice`).
+
+Wang et al.'s latent search (:mod:`nnqc_pipe.models.latent_search`), the same family with the image and an
+iterative search, is counted the same way against its surrogate segmentation (prefix :data:`LATENT_PREFIX`,
+column :data:`LATENT_SEARCH_COLUMN`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ log = logging.getLogger(__name__)
 
 AGREEMENT_COLUMN = "baseline_agreement_dsc"
 VAE_RECON_COLUMN = "baseline_vae_recon_dsc"
+LATENT_SEARCH_COLUMN = "latent_search_dsc"
+RECON_PREFIX = "recon"
+LATENT_PREFIX = "latent"
 RECON_GROUP_FOREGROUND = "fg"
 SYNTHETIC_SOURCES = ("gt", "degraded_")
 
@@ -82,16 +89,18 @@ def agreement_table(subjects: pd.DataFrame, candidates: Mapping[str, str], label
     return table
 
 
-def _recon_count_columns(group: str) -> tuple[str, str]:
-    return f"recon_overlap_{group}", f"recon_total_{group}"
+def _recon_count_columns(group: str, prefix: str) -> tuple[str, str]:
+    return f"{prefix}_overlap_{group}", f"{prefix}_total_{group}"
 
 
-def reconstruction_counts(candidate: np.ndarray, reconstruction: np.ndarray, slice_axis: int, n_classes: int
-                          ) -> dict[str, np.ndarray]:
-    """Per slice along ``slice_axis``: overlap and total voxel count of a candidate and its VAE reconstruction.
+def reconstruction_counts(candidate: np.ndarray, reconstruction: np.ndarray, slice_axis: int, n_classes: int,
+                          prefix: str = RECON_PREFIX) -> dict[str, np.ndarray]:
+    """Per slice along ``slice_axis``: overlap and total voxel count of a candidate and its VAE reconstruction
+    (with ``prefix`` :data:`LATENT_PREFIX`: its latent-search surrogate).
 
-    Both are class-index volumes on one grid. Keys ``recon_overlap_<g>`` and ``recon_total_<g>`` (|A| + |B|) for
-    ``g`` = ``fg`` (any foreground) and each class index ``1 .. n_classes - 1``; each value has one entry per slice.
+    Both are class-index volumes on one grid. Keys ``<prefix>_overlap_<g>`` and ``<prefix>_total_<g>`` (|A| + |B|)
+    for ``g`` = ``fg`` (any foreground) and each class index ``1 .. n_classes - 1``; each value has one entry per
+    slice.
     """
     if candidate.shape != reconstruction.shape:
         raise ValueError(f"candidate {candidate.shape} and reconstruction {reconstruction.shape} differ in shape")
@@ -101,24 +110,26 @@ def reconstruction_counts(candidate: np.ndarray, reconstruction: np.ndarray, sli
     for group, k in groups:
         a = (candidate > 0) if k is None else (candidate == k)
         b = (reconstruction > 0) if k is None else (reconstruction == k)
-        overlap, total = _recon_count_columns(group)
+        overlap, total = _recon_count_columns(group, prefix)
         counts[overlap] = np.count_nonzero(a & b, axis=other_axes).astype(np.int64)
         counts[total] = (np.count_nonzero(a, axis=other_axes) + np.count_nonzero(b, axis=other_axes)).astype(np.int64)
     return counts
 
 
-def reconstruction_dice(slices: pd.DataFrame, label_names: Mapping[int, str], label_values: Sequence[int]
-                        ) -> dict[tuple[str, int | None], float]:
-    """VAE-reconstruction DSC per (label name, slice index or None for the volume) from a per-slice table.
+def reconstruction_dice(slices: pd.DataFrame, label_names: Mapping[int, str], label_values: Sequence[int],
+                        prefix: str = RECON_PREFIX) -> dict[tuple[str, int | None], float]:
+    """VAE-reconstruction DSC (with ``prefix`` :data:`LATENT_PREFIX`: latent-search DSC) per (label name, slice
+    index or None for the volume, counted over every voxel) from a per-slice table.
 
-    ``slices`` has ``slice_index`` and the :func:`reconstruction_counts` columns; class index ``k`` is label value
-    ``label_values[k - 1]``. A table without those columns (a pGT written without them) gives an empty dict.
+    ``slices`` has ``slice_index`` and the :func:`reconstruction_counts` columns of ``prefix``; class index ``k``
+    is label value ``label_values[k - 1]``. A table without those columns (a pGT written without them) gives an
+    empty dict.
     """
     groups = [(FOREGROUND, RECON_GROUP_FOREGROUND)]
     groups += [(label_names[v], str(k)) for k, v in enumerate(label_values, start=1) if v in label_names]
     scores: dict[tuple[str, int | None], float] = {}
     for name, group in groups:
-        overlap_col, total_col = _recon_count_columns(group)
+        overlap_col, total_col = _recon_count_columns(group, prefix)
         if overlap_col not in slices or total_col not in slices:
             continue
         overlap, total = slices[overlap_col].to_numpy(), slices[total_col].to_numpy()

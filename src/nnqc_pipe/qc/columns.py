@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, VAE_RECON_COLUMN
+from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, LATENT_SEARCH_COLUMN, VAE_RECON_COLUMN
 from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, COMBINED_COLUMN
 from nnqc_pipe.qc.learned import LEARNED_DSC, LEARNED_NSD
 from nnqc_pipe.qc.metrics import FLAGS, METRICS
@@ -43,6 +43,7 @@ def scores_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         "uncertainty": "float64",
         VAE_RECON_COLUMN: "float64",
         **LEARNED_COLUMNS,
+        LATENT_SEARCH_COLUMN: "float64",
     }
 
 
@@ -54,9 +55,10 @@ def metric_names(df: pd.DataFrame) -> list[str]:
 # The only columns a table builder may leave out; typed fills them with nulls (False for flags). The ground-truth
 # side (``real_*``, ``gt_voxels``) exists only for labelled subjects, the domain-shift flag only with a training
 # fingerprint, the predictors of nnqc_pipe.report.tables.add_predictors only after it ran, the failure detection
-# only on DSC rows.
+# only on DSC rows, the latent search's score in scores files written before it existed.
 NULLABLE_COLUMNS = frozenset({"gt_voxels", "flag_out_of_distribution", "ood_reason", CALIBRATED_COLUMN,
-                              COMBINED_COLUMN, AGREEMENT_COLUMN, *LEARNED_COLUMNS, *FAILURE_COLUMNS})
+                              COMBINED_COLUMN, AGREEMENT_COLUMN, *LEARNED_COLUMNS, LATENT_SEARCH_COLUMN,
+                              *FAILURE_COLUMNS})
 # A column that only one table has names that table in the error of typed.
 _TABLE_MARKERS = (("verdict", "subjects"), ("level", "scores"), ("metric", "summary"), ("kendall_tau", "ranking"),
                   ("selected_source", "selection"), ("slice_index", "slices"))

@@ -28,9 +28,10 @@ from nnqc_pipe.data.preprocess import (
     values_to_indices,
 )
 from nnqc_pipe.models.embed import load_embeddings
+from nnqc_pipe.models.latent_search import LatentSearch
 from nnqc_pipe.models.pgt import PGTModels, generate_pgt, reconstruct
 from nnqc_pipe.models.qcnet import QCNet
-from nnqc_pipe.qc.baselines import reconstruction_counts
+from nnqc_pipe.qc.baselines import LATENT_PREFIX, reconstruction_counts
 from nnqc_pipe.qc.learned import estimated_truth, learned_slice_counts
 from nnqc_pipe.qc.metrics import error_map
 
@@ -43,13 +44,16 @@ class Inference:
     ``slices`` has slice_index, slice_ratio, uncertainty and (when computed) the VAE-reconstruction counts of the
     candidate (:func:`nnqc_pipe.qc.baselines.reconstruction_counts`), and with the learned opinion its soft error counts
     (:func:`nnqc_pipe.qc.learned.learned_slice_counts`); ``estimated`` is then the learned opinion's estimated
-    truth (class indices, original grid).
+    truth (class indices, original grid). With the latent search, ``slices`` has the counts of the candidate against
+    its surrogate segmentation (``latent_*`` columns) and ``surrogate`` is that surrogate (class indices, original
+    grid).
     """
 
     pgt: np.ndarray
     candidate: np.ndarray
     slices: pd.DataFrame
     estimated: np.ndarray | None = None
+    surrogate: np.ndarray | None = None
 
 
 def infer_subject(
@@ -60,8 +64,10 @@ def infer_subject(
     inference_cfg: dict[str, Any],
     seed: int,
     learned: QCNet | None = None,
+    latent: LatentSearch | None = None,
 ) -> Inference:
-    """pGT for one candidate of one subject, back on the original grid (and the learned opinion, when given).
+    """pGT for one candidate of one subject, back on the original grid (and the learned opinion and the latent
+    search, when given: the search runs on the patch grid, its surrogate is mapped back like the pGT).
 
     The VAE-reconstruction baseline's counts are computed unless ``inference_cfg["vae_recon"]`` is false (the
     config's ``methods`` leaves ``vae_recon`` out)."""
@@ -94,13 +100,18 @@ def infer_subject(
         probabilities = learned.probabilities(pre.image, candidate_patch)
         counts.update(learned_slice_counts(probabilities, candidate_patch, record))
         estimated = estimated_truth(probabilities, candidate_indices, record)
+    surrogate = None
+    if latent is not None:
+        surrogate = invert_probabilities(latent.probabilities(pre.image, candidate_patch), record)
+        counts.update(reconstruction_counts(candidate_indices, surrogate, axis, latent.n_classes, LATENT_PREFIX))
     slices = pd.DataFrame({
         "slice_index": original_index.astype(np.int64),
         "slice_ratio": pre.slice_ratio.astype(np.float64),
         "uncertainty": result.uncertainty.astype(np.float64),
         **{column: values[original_index] for column, values in counts.items()},
     }).sort_values("slice_index", ignore_index=True)
-    return Inference(pgt=pgt_indices, candidate=candidate_values, slices=slices, estimated=estimated)
+    return Inference(pgt=pgt_indices, candidate=candidate_values, slices=slices, estimated=estimated,
+                     surrogate=surrogate)
 
 
 def save_inference(
@@ -110,9 +121,10 @@ def save_inference(
     slices_path: str | os.PathLike,
     errors_path: str | os.PathLike | None,
     estimated_path: str | os.PathLike | None = None,
+    surrogate_path: str | os.PathLike | None = None,
 ) -> None:
-    """Write the pGT NIfTI (file label values, original affine), the per-slice table, the error map and the
-    learned opinion's estimated truth."""
+    """Write the pGT NIfTI (file label values, original affine), the per-slice table, the error map, the
+    learned opinion's estimated truth and the latent search's surrogate segmentation."""
     pgt_img = to_nifti(inference.pgt, record)
     write_nifti(pgt_img, pgt_path)
     write_parquet(inference.slices, slices_path)
@@ -123,3 +135,7 @@ def save_inference(
         if inference.estimated is None:
             raise ValueError(f"no learned estimate to write to {estimated_path}")
         write_nifti(to_nifti(inference.estimated, record), estimated_path)
+    if surrogate_path is not None:
+        if inference.surrogate is None:
+            raise ValueError(f"no latent-search surrogate to write to {surrogate_path}")
+        write_nifti(to_nifti(inference.surrogate, record), surrogate_path)

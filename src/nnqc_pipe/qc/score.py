@@ -15,7 +15,7 @@ import pandas as pd
 
 from nnqc_pipe.data.io import check_same_grid, load_volume, read_label_array, spacing_of
 from nnqc_pipe.data.preprocess import original_slice_order
-from nnqc_pipe.qc.baselines import VAE_RECON_COLUMN, reconstruction_dice
+from nnqc_pipe.qc.baselines import LATENT_PREFIX, LATENT_SEARCH_COLUMN, VAE_RECON_COLUMN, reconstruction_dice
 from nnqc_pipe.qc.columns import LEARNED_COLUMNS, PREDICTED, REAL, metric_names, scores_schema, typed
 from nnqc_pipe.qc.learned import learned_dice, learned_scores
 from nnqc_pipe.qc.metrics import FLAGS, METRICS, compute_metrics, compute_slice_metrics
@@ -50,7 +50,8 @@ def score_subject(
 ) -> pd.DataFrame:
     """The scores table of one candidate (see :func:`score_rows`); with
     ``learned_path`` (the learned opinion's estimated truth) also ``learned_dsc`` (counted from the per-slice
-    error counts in ``slices``) and ``learned_nsd`` (candidate against the estimated truth)."""
+    error counts in ``slices``) and ``learned_nsd`` (candidate against the estimated truth). ``latent_search_dsc``
+    is counted from the latent search's per-slice counts in ``slices`` (NaN without them)."""
     values = record["label_values"]
     pgt_img = load_volume(pgt_path, subject, "pseudo ground truth")
     candidate = _load_on_grid(candidate_path, pgt_img, subject, values, "candidate mask")
@@ -73,7 +74,8 @@ def score_subject(
         estimated = _load_on_grid(learned_path, pgt_img, subject, values, "learned estimated truth")
         nsd = all_metric_rows(candidate, estimated, spacing, label_names, axis, tolerance_mm)
         learned = learned_scores(learned_dice(slices, label_names, values), nsd)
-    return score_rows(cohort, source, subject, predicted, real, ratio, uncertainty, recon, learned)
+    latent = reconstruction_dice(slices, label_names, values, LATENT_PREFIX)
+    return score_rows(cohort, source, subject, predicted, real, ratio, uncertainty, recon, learned, latent)
 
 
 def score_rows(
@@ -86,6 +88,7 @@ def score_rows(
     uncertainty: Mapping[tuple[str, int | None], float] | None = None,
     vae_recon: Mapping[tuple[str, int | None], float] | None = None,
     learned: Mapping[str, Mapping[tuple[str, int | None], float]] | None = None,
+    latent_search: Mapping[tuple[str, int | None], float] | None = None,
 ) -> pd.DataFrame:
     """The scores table of one (source, subject) from :mod:`nnqc_pipe.qc.metrics` rows.
 
@@ -95,7 +98,8 @@ def score_rows(
     NaN); ``uncertainty`` maps ``(label, slice_index or None)`` to the disagreement between pGT samples (see
     ``metrics.sample_disagreement``; None: NaN); ``vae_recon`` maps the same keys to the VAE-reconstruction
     baseline (:func:`nnqc_pipe.qc.baselines.reconstruction_dice`; None or a missing key: NaN); ``learned`` maps
-    ``learned_dsc`` / ``learned_nsd`` to such a mapping (:func:`nnqc_pipe.qc.learned.learned_scores`; None: NaN).
+    ``learned_dsc`` / ``learned_nsd`` to such a mapping (:func:`nnqc_pipe.qc.learned.learned_scores`; None: NaN);
+    ``latent_search`` maps the ``vae_recon`` keys to the latent-search DSC (None or a missing key: NaN).
     """
     predicted = _prefixed_frame(predicted_rows, PREDICTED, "pgt_voxels")
     if real_rows is None:
@@ -114,6 +118,7 @@ def score_rows(
     table[VAE_RECON_COLUMN] = _per_row(table, vae_recon)
     for column in LEARNED_COLUMNS:
         table[column] = _per_row(table, (learned or {}).get(column))
+    table[LATENT_SEARCH_COLUMN] = _per_row(table, latent_search)
     return typed(table, scores_schema(metric_names(table)))
 
 

@@ -1,11 +1,11 @@
 """The methods board: every QC method of the report against the real quality, on the same candidates.
 
 Methods (:data:`METHODS`) are the report's scores of a candidate's DSC: nnQC's ``predicted_dsc`` and its
-cross-validated ``calibrated_dsc``, the learned opinion and its fusion with nnQC, and the two baselines; a method
-is on the board when its column exists and has a value. Pools of candidates (:func:`pools`): ``all``, ``all_real``
-(the user's sources: not ``gt``, not ``degraded_*``), ``all_degraded``, ``best_real`` (the user's source with the
-highest mean real DSC of the label, alone) and each source. Only labelled candidates (a real DSC) count; a pool
-without one has no row.
+cross-validated ``calibrated_dsc``, the learned opinion and its fusion with nnQC, Wang et al.'s latent search and
+the two baselines; a method is on the board when its column exists and has a value. Pools of candidates
+(:func:`pools`): ``all``, ``all_real`` (the user's sources: not ``gt``, not ``degraded_*``), ``all_degraded``,
+``best_real`` (the user's source with the highest mean real DSC of the label, alone) and each source. Only
+labelled candidates (a real DSC) count; a pool without one has no row.
 
 Figures of one (method, pool, label), over the pool's pairs with both the score and the real DSC finite:
 
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, SYNTHETIC_SOURCES, VAE_RECON_COLUMN
+from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, LATENT_SEARCH_COLUMN, SYNTHETIC_SOURCES, VAE_RECON_COLUMN
 from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, COMBINED_COLUMN
 from nnqc_pipe.qc.decisions import failure_detection
 from nnqc_pipe.qc.learned import LEARNED_DSC, LEARNED_NSD
@@ -41,11 +41,13 @@ BEST_REAL = "best_real"
 MIN_PEARSON_PAIRS = 3
 # Board name -> the subjects column holding the method's score of the candidate's DSC.
 METHODS = {"nnqc": "predicted_dsc", "calibrated": CALIBRATED_COLUMN, "learned": LEARNED_DSC,
-           "combined": COMBINED_COLUMN, "agreement": AGREEMENT_COLUMN, "vae_recon": VAE_RECON_COLUMN}
+           "combined": COMBINED_COLUMN, "agreement": AGREEMENT_COLUMN, "vae_recon": VAE_RECON_COLUMN,
+           "latent_search": LATENT_SEARCH_COLUMN}
 # The QC opinions the config's ``methods`` chooses from -> the report columns that exist only with it. nnQC is the
 # report's backbone (verdicts, selection, review lists and error regions act on its pGT): it is always on.
 OPINION_COLUMNS = {"nnqc": (), "learned": (LEARNED_DSC, LEARNED_NSD, COMBINED_COLUMN),
-                   "vae_recon": (VAE_RECON_COLUMN,), "agreement": (AGREEMENT_COLUMN,)}
+                   "vae_recon": (VAE_RECON_COLUMN,), "agreement": (AGREEMENT_COLUMN,),
+                   "latent_search": (LATENT_SEARCH_COLUMN,)}
 OPINIONS = tuple(OPINION_COLUMNS)
 METHODS_SCHEMA = {
     "cohort": "str",

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from nnqc_pipe.data.io import atomic_path, concat_parquet, write_parquet
-from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, VAE_RECON_COLUMN
+from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, LATENT_SEARCH_COLUMN, VAE_RECON_COLUMN
 from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, COMBINED_COLUMN, calibrate, combine
 from nnqc_pipe.qc.columns import (
     COUNT_COLUMNS,
@@ -109,6 +109,7 @@ def subjects_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         AGREEMENT_COLUMN: "float64",
         VAE_RECON_COLUMN: "float64",
         **LEARNED_COLUMNS,
+        LATENT_SEARCH_COLUMN: "float64",
         COMBINED_COLUMN: "float64",
         "verdict_score": "float64",
         "risk": "float64",
@@ -128,6 +129,7 @@ def slices_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         "uncertainty": "float64",
         VAE_RECON_COLUMN: "float64",
         **LEARNED_COLUMNS,
+        LATENT_SEARCH_COLUMN: "float64",
         **{f"flag_{flag}": "bool" for flag in FLAGS},
     }
 
@@ -289,10 +291,12 @@ def build_summary(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame
     return typed(pd.DataFrame(rows), SUMMARY_SCHEMA)
 
 
-# Other predictors of the real DSC in the summary, each a row ``metric`` of its own: the calibrated nnQC score and
-# the two baselines, inter-source agreement and VAE reconstruction (nnqc_pipe.qc.calibration, nnqc_pipe.qc.baselines).
+# Other predictors of the real DSC in the summary, each a row ``metric`` of its own: the calibrated nnQC score, the
+# two baselines (inter-source agreement, VAE reconstruction), the learned opinion and its fusion with nnQC, and the
+# latent search (nnqc_pipe.qc.calibration, nnqc_pipe.qc.baselines, nnqc_pipe.qc.learned).
 EXTRA_PREDICTORS = {"calibrated_dsc": CALIBRATED_COLUMN, "agreement_dsc": AGREEMENT_COLUMN,
-                    "vae_recon_dsc": VAE_RECON_COLUMN, "learned_dsc": LEARNED_DSC, "combined_dsc": COMBINED_COLUMN}
+                    "vae_recon_dsc": VAE_RECON_COLUMN, "learned_dsc": LEARNED_DSC, "combined_dsc": COMBINED_COLUMN,
+                    "latent_search_dsc": LATENT_SEARCH_COLUMN}
 
 
 def _summary_pairs(subjects: pd.DataFrame) -> list[tuple[str, str, str]]:

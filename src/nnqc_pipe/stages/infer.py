@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import zlib
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from nnqc_pipe.chunks import describe_task, fill, record_row, run_chunk, task_list, write_chunk_record
@@ -34,7 +35,9 @@ def infer(tasks: dict[str, list[str]], npz: str, embeddings: str | None, candida
         candidates: JSON object source -> candidate mask path pattern with {subject}.
         model_dir: folder with vae.pt and ldm.pt.
         inference: JSON object of the config's inference section (ddim_steps, samples, batch_size, ...; with
-            "vae_recon": false the VAE-reconstruction baseline is not computed).
+            "vae_recon": false the VAE-reconstruction baseline is not computed; with "latent_search": {"search":
+            the search settings, "surrogate": surrogate path pattern with {source} and {subject} or null} every
+            candidate is also searched with model_dir's latent_vae.pt).
         out_pgt: pGT path pattern with {source} and {subject}.
         out_slices: per-slice facts path pattern with {source} and {subject}.
         out_errors: error map path pattern with {source} and {subject} ('none': not saved).
@@ -54,6 +57,12 @@ def infer(tasks: dict[str, list[str]], npz: str, embeddings: str | None, candida
         from nnqc_pipe.models.qcnet import load_qcnet
 
         learned = load_qcnet(qcnet, device, int(inference["batch_size"]))
+    latent, out_surrogate = None, None
+    if inference.get("latent_search"):
+        from nnqc_pipe.models.latent_search import LATENT_VAE, load_latent_search
+
+        latent = load_latent_search(Path(model_dir) / LATENT_VAE, device, inference["latent_search"]["search"])
+        out_surrogate = inference["latent_search"].get("surrogate")
 
     @lru_cache(maxsize=1)
     def preprocessed(subject: str) -> Preprocessed:
@@ -65,13 +74,15 @@ def infer(tasks: dict[str, list[str]], npz: str, embeddings: str | None, candida
         errors = fill(out_errors, source=source, subject=subject) if out_errors else None
         pre = preprocessed(subject)
         estimated = fill(out_learned, source=source, subject=subject) if learned and out_learned else None
+        surrogate = fill(out_surrogate, source=source, subject=subject) if out_surrogate else None
         result = infer_subject(models, pre, fill(candidates[source], subject=subject),
                                fill(embeddings, subject=subject) if embeddings else None, inference,
-                               subject_seed(seed, subject), learned)
-        save_inference(result, pre.record, pgt, slices, errors, estimated)
+                               subject_seed(seed, subject), learned, latent)
+        save_inference(result, pre.record, pgt, slices, errors, estimated, surrogate)
         log.info("%s/%s: pGT of %d slices written to %s", source, subject, len(result.slices), pgt)
         rows = [record_row(subject, "pgt", pgt, source), record_row(subject, "slices", slices, source)]
         rows += [record_row(subject, "learned", estimated, source)] if estimated else []
+        rows += [record_row(subject, "latent_surrogate", surrogate, source)] if surrogate else []
         return rows + ([record_row(subject, "errors", errors, source)] if errors else [])
 
     write_chunk_record(run_chunk(task_list(tasks), work, describe_task(candidates), "infer"), record)

@@ -38,7 +38,8 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
         settings: JSON object of the config's report section (thresholds, n_overlays, ...) with the selection
             section under "selection" and the QC opinions computed (the config's methods) under "methods".
         config_digest: hash of the config (provenance).
-        model_dir: folder with vae.pt, ldm.pt and model_card.json.
+        model_dir: folder with vae.pt, ldm.pt, model_card.json (and qcnet.pt, latent_vae.pt when their opinions
+            are on).
         plan_json: the cohort's plan.json (slicing axis of the review regions).
         fingerprint_json: the training fingerprint (ranges of the domain-shift flags).
         inspect: ingestion record path pattern with {subject}.
@@ -54,8 +55,9 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
     metadata = {
         "pipeline_version": __version__,
         "config_hash": config_digest,
-        "checkpoints": {name: file_sha256(models / name) for name in ("vae.pt", "ldm.pt", "qcnet.pt")
-                        if name != "qcnet.pt" or learned},
+        "checkpoints": {name: file_sha256(models / name)
+                        for name, used in (("vae.pt", True), ("ldm.pt", True), ("qcnet.pt", bool(learned)),
+                                           ("latent_vae.pt", "latent_search" in settings["methods"])) if used},
         "model_card": card,
         "qc_model_from": card.get("qc_model"),
     }
