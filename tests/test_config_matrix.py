@@ -1,8 +1,9 @@
 """The config matrix (the Snakemake catalog's `.test/config_*` habit): the workflow end to end on phantoms with
 settings the labelled demo does not exercise, checking the decisions the report writes.
 
-- ``decisions``: a user source next to gt and the degraded levels, error maps off; the report's verdicts,
-  exclusions, selection (+ selected masks), review lists and baselines; a threshold change reruns only ``report``.
+- ``decisions``: a user source next to gt and the degraded levels, error maps off, the latent search on (with its
+  surrogates saved); the report's verdicts, exclusions, selection (+ selected masks), review lists, baselines and
+  latent search; a threshold change reruns only ``report``.
 - ``no_expert``: conditioning mode ``none`` (no vision expert, no embed jobs) and ``methods: [nnqc]``.
 - ``methods``: an opinion left out of ``methods`` defines no rule (``--list-rules``).
 - ``labels: null`` without a QC model: refused at start, saying what to do (with one: tests/test_population.py).
@@ -41,7 +42,9 @@ def matrix_config(workdir, **extra) -> dict:
 @pytest.fixture(scope="module")
 def decisions_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("decisions")
-    config = matrix_config(workdir, inference={"ddim_steps": 3, "save_error_maps": False})
+    config = matrix_config(workdir, inference={"ddim_steps": 3, "save_error_maps": False,
+                                               "save_latent_surrogate": True},
+                           methods=["nnqc", "vae_recon", "agreement", "latent_search"])
     config["sources"] = {"manual_copy": config["labels"]}  # a perfect "segmenter": the labels themselves
     proc = run_snakemake(config, workdir)
     assert proc.returncode == 0, "workflow failed"
@@ -73,7 +76,21 @@ def test_verdicts_exclusions_and_baselines(decisions_run):
     summary = pd.read_parquet(out / "report" / "summary.parquet")
     dsc = summary[(summary.metric == "dsc") & (summary.label == "foreground")].set_index("source")
     assert dsc.loc["all", "failure_auc"] >= DECISIONS_FLOORS["min_auc"] and dsc.loc["all", "n_fail"] > 0
-    assert {"agreement_dsc", "vae_recon_dsc"} <= set(summary.metric)
+    assert {"agreement_dsc", "vae_recon_dsc", "latent_search_dsc"} <= set(summary.metric)
+
+
+def test_latent_search_opinion(decisions_run):
+    """methods lists latent_search: its VAE is trained, every candidate is searched (its surrogate saved), and
+    latent_search_dsc reaches the tables and the methods board."""
+    _, _, out = decisions_run
+    assert (out / "models" / "latent_vae.pt").is_file() and (out / "models" / "latent_vae_curves.csv").is_file()
+    subjects = pd.read_parquet(out / "report" / "subjects.parquet")
+    assert subjects.latent_search_dsc.between(0, 1).all()
+    assert pd.read_parquet(out / "report" / "slices.parquet").latent_search_dsc.notna().any()
+    fg = subjects[subjects.label == "foreground"]
+    assert len(list((out / "latent_search" / "surrogate").glob("*/*.nii.gz"))) == len(fg)
+    board = pd.read_parquet(out / "report" / "methods.parquet")
+    assert "latent_search" in set(board.method)
 
 
 # Floors of this run (tiny preset, 2 epochs, 3 training subjects: a weaker model than the demo's; measured
@@ -137,28 +154,33 @@ def test_conditioning_mode_none_runs_without_the_vision_expert(tmp_path):
     # methods: [nnqc] leaves no learned rule or file, and no column of a left-out opinion in any table
     assert not (out / "learned").exists() and not (out / "models" / "qcnet.pt").exists()
     assert not (out / "logs" / "train_qcnet.log").exists()
-    opinions = {"learned_dsc", "learned_nsd", "combined_dsc", "baseline_vae_recon_dsc", "baseline_agreement_dsc"}
+    opinions = {"learned_dsc", "learned_nsd", "combined_dsc", "baseline_vae_recon_dsc", "baseline_agreement_dsc",
+                "latent_search_dsc"}
     for table in ("subjects", "slices"):
         assert not opinions & set(pd.read_parquet(out / "report" / f"{table}.parquet").columns), table
     summary = pd.read_parquet(out / "report" / "summary.parquet")
-    assert not {"learned_dsc", "combined_dsc", "vae_recon_dsc", "agreement_dsc"} & set(summary.metric)
+    assert not {"learned_dsc", "combined_dsc", "vae_recon_dsc", "agreement_dsc", "latent_search_dsc"} & set(
+        summary.metric)
     board = pd.read_parquet(out / "report" / "methods.parquet")
     assert set(board.method) <= {"nnqc", "calibrated"} and "nnqc" in set(board.method)
 
 
 LEARNED_RULES = {"train_segmenter", "learned_candidates", "train_qcnet"}
+LATENT_RULES = {"train_latent_vae"}
 
 
 @pytest.mark.parametrize("switch", [{"methods": ["nnqc", "vae_recon"]},
                                     {"methods": ["nnqc", "learned"], "learned": {"enabled": False}}],
                          ids=["methods", "deprecated-learned-enabled"])
 def test_a_method_left_out_defines_no_rule(tmp_path, switch):
-    """The learned opinion left out (by methods:, or by the older learned.enabled: false) defines none of its
-    rules; listed, it defines them all. vae_recon and agreement have no rule of their own (infer and report)."""
-    listed = run_snakemake(matrix_config(tmp_path, methods=["nnqc", "learned"]), tmp_path, "--list-rules")
-    assert listed.returncode == 0 and LEARNED_RULES <= set(listed.stdout.split())
+    """The learned opinion and the latent search left out (by methods:, or the learned opinion by the older
+    learned.enabled: false) define none of their rules; listed, they define them all. vae_recon and agreement have
+    no rule of their own (infer and report)."""
+    listed = run_snakemake(matrix_config(tmp_path, methods=["nnqc", "learned", "latent_search"]), tmp_path,
+                           "--list-rules")
+    assert listed.returncode == 0 and LEARNED_RULES | LATENT_RULES <= set(listed.stdout.split())
     left_out = run_snakemake({**matrix_config(tmp_path), **switch}, tmp_path, "--list-rules")
-    assert left_out.returncode == 0 and not LEARNED_RULES & set(left_out.stdout.split())
+    assert left_out.returncode == 0 and not (LEARNED_RULES | LATENT_RULES) & set(left_out.stdout.split())
     assert {"infer", "report"} <= set(left_out.stdout.split())
 
 

@@ -3,7 +3,9 @@
 The plan is read from ``--plan`` or from the cohort folder of ``--model-dir`` (``<results>/<cohort>/plan.json``);
 the image is preprocessed with it, embedded with the model's own vision expert when the conditioning uses the
 image, the pGT sampled, mapped back to the image grid and compared with the mask. When the model folder holds the
-learned opinion (``qcnet.pt``), its ``learned_dsc`` and ``learned_nsd`` are reported beside nnQC's scores.
+learned opinion (``qcnet.pt``), its ``learned_dsc`` and ``learned_nsd`` are reported beside nnQC's scores, and
+when it holds the latent search's VAE (``latent_vae.pt``), ``latent_search_dsc`` (with the search settings the VAE
+was trained with).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import pandas as pd
 from nnqc_pipe.data.io import read_json
 from nnqc_pipe.data.preprocess import indices_to_values, preprocess_subject, save_preprocessed, spacing_from_record
 from nnqc_pipe.models.embed import embed_subject
+from nnqc_pipe.models.latent_search import LATENT_VAE, load_latent_search
 from nnqc_pipe.models.pgt import load_models
 from nnqc_pipe.models.qcnet import QCNET, load_qcnet
+from nnqc_pipe.qc.baselines import LATENT_PREFIX, LATENT_SEARCH_COLUMN, reconstruction_dice
 from nnqc_pipe.qc.infer import infer_subject, save_inference
 from nnqc_pipe.qc.learned import LEARNED_DSC, LEARNED_NSD, learned_dice, learned_scores
 from nnqc_pipe.qc.metrics import compute_metrics
@@ -48,6 +52,8 @@ def check_case(image: str | os.PathLike, mask: str | os.PathLike, model_dir: str
     subject = Path(image).name.split(".")[0]
     models = load_models(model_dir, device)
     learned = load_qcnet(Path(model_dir) / QCNET, device) if (Path(model_dir) / QCNET).is_file() else None
+    latent_path = Path(model_dir) / LATENT_VAE
+    latent = load_latent_search(latent_path, device) if latent_path.is_file() else None
     pre = preprocess_subject(subject, image, None, plan_)
     steps = ddim_steps or int(models.cfg["inference"]["ddim_steps"])
     inference = {"ddim_steps": steps, "samples": samples, "batch_size": 64, "start_strength": start_strength,
@@ -59,7 +65,7 @@ def check_case(image: str | os.PathLike, mask: str | os.PathLike, model_dir: str
             save_preprocessed(pre, npz)
             embeddings = Path(tmp) / "embeddings.npz"
             embed_subject(npz, embeddings, models.cfg["encoder"], device)
-        result = infer_subject(models, pre, mask, embeddings, inference, seed, learned)
+        result = infer_subject(models, pre, mask, embeddings, inference, seed, learned, latent)
     if out:
         save_inference(result, pre.record, out, Path(out).with_suffix("").with_suffix(".slices.parquet"), None)
     names = dict(zip(plan_["label_values"], plan_["label_names"], strict=True))
@@ -72,6 +78,9 @@ def check_case(image: str | os.PathLike, mask: str | os.PathLike, model_dir: str
                                 compute_metrics(result.candidate, estimated, spacing, names, tolerance_mm))
         for column, values in scores.items():
             table[column] = [values.get((label, None), float("nan")) for label in table["label"]]
+    if latent is not None:
+        scores = reconstruction_dice(result.slices, names, plan_["label_values"], LATENT_PREFIX)
+        table[LATENT_SEARCH_COLUMN] = [scores.get((label, None), float("nan")) for label in table["label"]]
     return table
 
 
@@ -82,7 +91,7 @@ def check(image: str, mask: str, model_dir: str, out: str | None, plan: str | No
                        start_strength=start_strength, image_guidance=image_guidance)
     columns = ["label", "dsc", "hd95_mm", "nsd", "iou", "ravd"]
     shown = table[columns].rename(columns=lambda c: c if c == "label" else f"predicted_{c}")
-    for column in (LEARNED_DSC, LEARNED_NSD):
+    for column in (LEARNED_DSC, LEARNED_NSD, LATENT_SEARCH_COLUMN):
         if column in table:
             shown[column] = table[column]
     print(shown.to_string(index=False))
