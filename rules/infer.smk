@@ -39,7 +39,8 @@ rule infer:
         learned=pattern("learned"),
         qcnet=lambda w, input: input.qcnet or "none",
         model_dir=lambda w, input: os.path.dirname(input.ldm),
-        inference=as_json(INFERENCE_SETTINGS),
+        # a function: the latent search's surrogate path pattern holds {source} and {subject}
+        inference=lambda w: as_json(INFERENCE_SETTINGS),
         device=rule_device,
         seed=config["seed"],
     shell:
