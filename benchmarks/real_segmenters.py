@@ -93,7 +93,7 @@ PREDICTORS = {"dsc": PREDICTED, **EXTRA_PREDICTORS}
 OPINIONS = ("learned_dsc", "combined_dsc")
 PREDICTOR_TITLES = {"dsc": "nnQC", "calibrated_dsc": "calibrated", "agreement_dsc": "agreement",
                     "vae_recon_dsc": "VAE reconstruction", "learned_dsc": "learned", "combined_dsc": "combined",
-                    "hd95_mm": "nnQC"}
+                    "latent_search_dsc": "latent search", "hd95_mm": "nnQC"}
 STATS = ("pearson_r", "mae", "bias", "failure_auc", "accuracy")
 VERDICTS = ("PASS", "REVIEW", "FAIL")
 REAL_CLASSES = (">=0.8", "0.7-0.8", "<0.7")

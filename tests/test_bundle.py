@@ -155,6 +155,18 @@ def test_import_copies_the_bundle_and_says_where_it_comes_from(tmp_path, bundle)
         import_bundle(bundle, out / "models", out / "fingerprint.json", out / "plan.json")
 
 
+def test_the_optional_networks_travel_with_the_bundle(tmp_path):
+    """A cohort that trained the learned opinion and the latent search exports and imports their networks too."""
+    results = fake_results(tmp_path / "results" / "heart")
+    for name in ("qcnet.pt", "latent_vae.pt"):
+        (results / "models" / name).write_bytes(name.encode())
+    bundle = export_model(results, tmp_path / "bundle")
+    assert {"qcnet.pt", "latent_vae.pt"} <= {p.name for p in bundle.iterdir()} and manifest_problems(bundle) == []
+    out = tmp_path / "results" / "reuse"
+    import_bundle(bundle, out / "models", out / "fingerprint.json", out / "plan.json")
+    assert (out / "models" / "latent_vae.pt").read_bytes() == b"latent_vae.pt"
+
+
 def test_export_model_command(tmp_path, capsys):
     results = fake_results(tmp_path / "results" / "heart")
     assert main(["export-model", str(results), str(tmp_path / "b")]) == 0
