@@ -120,6 +120,10 @@ class Sizes:
     steps: tuple[int, ...] = (20, 1)
     draws: int = 2
     subjects: int = 16  # hippocampus subjects preprocessed for the training section
+    # On the CPU there is no out-of-memory error to stop at, the kernel kills the process (measured: the paper
+    # preset's VAE-GAN step at its own batch and 256² exceeded 24 GiB), so batches are capped there.
+    cpu_train_batch: int = 4
+    cpu_infer_batch: int = 64
     synthetic: bool = False  # never read the shared data
 
 
@@ -298,6 +302,8 @@ def training_preset(preset: str, device: torch.device, sizes: Sizes, data: Train
     stages = ("vae", "ldm")
     for i, stage in enumerate(stages):
         batch = int(cfg[stage]["batch_size"])
+        if device.type == "cpu":
+            batch = min(batch, sizes.cpu_train_batch)
         labels = batch_of(data.labels, batch)
         stage_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(stages) - i)
         reset_peak(device)
@@ -307,7 +313,8 @@ def training_preset(preset: str, device: torch.device, sizes: Sizes, data: Train
         else:
             images = batch_of(data.images, batch) if data.images is not None else None
             rate = train_speed.ldm_speed(cfg, labels, sizes.train_iters, rng, device, images, stage_deadline)
-        out[stage] = {"batch_size": batch, "samples_per_s": rate, "s_per_epoch": data.epoch_slices / rate,
+        out[stage] = {"batch_size": batch, "preset_batch_size": int(cfg[stage]["batch_size"]),
+                      "samples_per_s": rate, "s_per_epoch": data.epoch_slices / rate,
                       "peak_gpu_mb": peak_mb(device)}
     out["ldm"]["paper_s_per_epoch"] = PAPER_S_PER_EPOCH
     out["ldm"]["vs_paper"] = out["ldm"]["s_per_epoch"] / PAPER_S_PER_EPOCH
@@ -330,6 +337,9 @@ def inference_preset(preset: str, patch: int, device: torch.device, sizes: Sizes
         s_per_slice = time.perf_counter() - started
         stopped[steps] = "all batch sizes done"
         for batch in sizes.batches:
+            if device.type == "cpu" and batch > sizes.cpu_infer_batch:
+                stopped[steps] = f"CPU: batches above {sizes.cpu_infer_batch} not tried"
+                break
             slices = batch // sizes.draws
             projected = s_per_slice * slices
             if time.perf_counter() + projected > steps_deadline:

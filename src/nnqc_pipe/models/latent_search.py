@@ -39,13 +39,13 @@ from nnqc_pipe.models.autoencoder import kl_divergence, one_hot
 from nnqc_pipe.models.device import resolve_device, seed_everything
 from nnqc_pipe.models.presets import training_hash
 from nnqc_pipe.models.training import (
-    RunState,
+    SingleNetwork,
     SliceSet,
     batches_of,
     fit,
-    load_state,
     progress,
     read_checkpoint,
+    resume_run,
     seed_epoch,
 )
 
@@ -93,7 +93,7 @@ def vae_loss(model: JointVAE, image: torch.Tensor, mask: torch.Tensor, beta: flo
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
-class LatentVAETrainer:
+class LatentVAETrainer(SingleNetwork):
     """The joint VAE's training run (a :class:`nnqc_pipe.models.training.Trainer`): epochs over the training slices
     (image + class-index label), selected on the validation slices' reconstruction Dice.
 
@@ -159,15 +159,6 @@ class LatentVAETrainer:
             total += int(predicted.sum() + truth.sum())
         return {"val_dice": float(dice_from_counts(overlap, total, 0))}
 
-    def selected_weights(self) -> dict[str, torch.Tensor]:
-        """The network's weights."""
-        return self.net.state_dict()
-
-    def load(self, state: dict[str, Any]) -> None:
-        """Restore the network and optimiser from a saved state."""
-        self.net.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-
     def state(self, **extra: Any) -> dict[str, Any]:
         """The full training state (with the network's shape and the search settings) plus ``extra``."""
         return {"kind": self.kind, "n_classes": self.n_classes, "patch_size": list(self.patch_size),
@@ -184,11 +175,7 @@ def train_latent_vae(train: SliceSet, val: SliceSet, cfg: dict[str, Any], out_di
     trainer = LatentVAETrainer(cfg["latent_search"], cfg["n_classes"], cfg["patch_size"], dev)
     trainer.attach(train, val, seed)
     run_hash = training_hash(cfg, "latent_search", {"train": train.names, "val": val.names, "seed": seed})
-    state = load_state(Path(out_dir) / f"{trainer.kind}_state.pt", run_hash)
-    run = RunState()
-    if state is not None:
-        trainer.load(state)
-        run = RunState.from_state(state)
+    run = resume_run(trainer, Path(out_dir) / f"{trainer.kind}_state.pt", run_hash)
     log.info("latent_vae: %d training slices of %d subjects, %d validation slices of %d subjects, device %s",
              len(train), len(train.names), len(val), len(val.names), dev)
     fit(trainer, cfg["latent_search"], run, out_dir, config_hash=run_hash)

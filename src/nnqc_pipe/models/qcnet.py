@@ -33,7 +33,7 @@ from nnqc_pipe.chunks import fill
 from nnqc_pipe.models.device import resolve_device, seed_everything
 from nnqc_pipe.models.error_counts import count_terms, dsc_from_terms, error_groups, group_mask
 from nnqc_pipe.models.presets import training_hash
-from nnqc_pipe.models.training import RunState, fit, load_state, progress, read_checkpoint, seed_epoch
+from nnqc_pipe.models.training import SingleNetwork, fit, progress, read_checkpoint, resume_run, seed_epoch
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def load_candidate_set(subjects: Sequence[str], candidate_npz: str, preprocessed
                         names=list(subjects))
 
 
-class QCNetTrainer:
+class QCNetTrainer(SingleNetwork):
     """The QC network's training run (a :class:`nnqc_pipe.models.training.Trainer`)."""
 
     kind = "qcnet"
@@ -207,15 +207,6 @@ class QCNetTrainer:
         r = float(np.corrcoef(predicted, real)[0, 1]) if np.ptp(predicted) > 0 and np.ptp(real) > 0 else 0.0
         return {"val_qc": 1 - mae, "val_mae": mae, "val_r": r}
 
-    def selected_weights(self) -> dict[str, torch.Tensor]:
-        """The network's weights."""
-        return self.net.state_dict()
-
-    def load(self, state: dict[str, Any]) -> None:
-        """Restore the network and optimiser from a saved state."""
-        self.net.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-
     def state(self, **extra: Any) -> dict[str, Any]:
         """The full training state plus run bookkeeping in ``extra``."""
         return {"kind": "qcnet", "n_classes": self.n_classes, "net": {"channels": list(self.cfg["channels"]),
@@ -242,11 +233,7 @@ def train_qcnet(train: CandidateSet, val: CandidateSet, cfg: dict[str, Any], out
     trainer.attach(train, val, seed)
     run_hash = training_hash(cfg, "qcnet", {"train": train.names, "val": val.names, "seed": seed,
                                             "n_train": len(train), "n_val": len(val)})
-    state = load_state(Path(out_dir) / "qcnet_state.pt", run_hash)
-    run = RunState()
-    if state is not None:
-        trainer.load(state)
-        run = RunState.from_state(state)
+    run = resume_run(trainer, Path(out_dir) / "qcnet_state.pt", run_hash)
     log.info("qcnet: %d training candidates of %d subjects, %d validation candidates of %d subjects, device %s",
              len(train), len(train.names), len(val), len(val.names), dev)
     fit(trainer, cfg["qcnet"], run, out_dir, config_hash=run_hash)

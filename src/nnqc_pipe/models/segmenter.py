@@ -26,7 +26,7 @@ from monai.networks.nets import UNet
 
 from nnqc_pipe.models.device import resolve_device, seed_everything
 from nnqc_pipe.models.presets import training_hash
-from nnqc_pipe.models.training import RunState, batches_of, fit, load_state, progress, seed_epoch
+from nnqc_pipe.models.training import SingleNetwork, batches_of, fit, progress, resume_run, seed_epoch
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def prediction_key(subject: str, epoch: int) -> str:
     return f"{subject}|{epoch}"
 
 
-class SegmenterTrainer:
+class SegmenterTrainer(SingleNetwork):
     """One fold's segmenter: trains on the other folds' slices, predicts its own fold at the checkpoint epochs (a
     :class:`nnqc_pipe.models.training.Trainer`)."""
 
@@ -105,14 +105,9 @@ class SegmenterTrainer:
             out.append(self.net(batch.to(self.device)).argmax(1).to(torch.uint8).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, *image.shape[1:]), dtype=np.uint8)
 
-    def selected_weights(self) -> dict[str, torch.Tensor]:
-        """The segmenter's weights."""
-        return self.net.state_dict()
-
     def load(self, state: dict[str, Any]) -> None:
         """Restore weights, optimiser and the predictions made before the interruption."""
-        self.net.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        super().load(state)
         self.predictions = {k: v.numpy() for k, v in state["predictions"].items()}
 
     def state(self, **extra: Any) -> dict[str, Any]:
@@ -147,11 +142,7 @@ def train_segmenter(fold: int, train_npz: Sequence[str | os.PathLike], heldout_n
     trainer.attach(images, labels, heldout, seed + fold)
     run_hash = training_hash(cfg, "segmenter", {"train": sorted(train), "heldout": sorted(heldout), "seed": seed,
                                                 "fold": fold})
-    state = load_state(Path(out_dir) / f"{trainer.kind}_state.pt", run_hash)
-    run = RunState()
-    if state is not None:
-        trainer.load(state)
-        run = RunState.from_state(state)
+    run = resume_run(trainer, Path(out_dir) / f"{trainer.kind}_state.pt", run_hash)
     log.info("%s: %d training slices of %d subjects, %d held-out subjects, checkpoints %s, device %s",
              trainer.kind, len(labels), len(train), len(heldout), cfg["segmenter"]["checkpoints"], dev)
     section = {"epochs": max(cfg["segmenter"]["checkpoints"]), "patience": None,

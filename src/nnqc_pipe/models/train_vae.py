@@ -32,7 +32,7 @@ from nnqc_pipe.models.autoencoder import (
 )
 from nnqc_pipe.models.device import resolve_device, seed_everything
 from nnqc_pipe.models.presets import training_hash
-from nnqc_pipe.models.training import RunState, SliceSet, batches_of, fit, load_slices, load_state, progress, seed_epoch
+from nnqc_pipe.models.training import SliceSet, batches_of, fit, load_slices, progress, resume_run, seed_epoch
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +184,7 @@ def train_vae(
     run_hash = training_hash(cfg, "vae", {"train": train.names, "val": val.names, "seed": seed})
     trainer = VAETrainer(cfg, dev)
     trainer.attach(train, val_labels, seed)
-    state = load_state(out_dir / "vae_state.pt", run_hash)
-    run = RunState()
-    if state is not None:
-        trainer.load(state)
-        run = RunState.from_state(state)
+    run = resume_run(trainer, out_dir / "vae_state.pt", run_hash)
     log.info("vae: %d training / %d validation slices, %s, device %s", len(train), len(val_labels), cfg["preset"],
              dev)
     fit(trainer, cfg["vae"], run, out_dir, config_hash=run_hash, cfg=cfg)

@@ -213,6 +213,32 @@ class Trainer(Protocol):
         """The full training state plus ``extra``."""
 
 
+class SingleNetwork:
+    """``selected_weights`` and ``load`` of a trainer with one network ``net`` and one optimiser ``opt``."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+
+    def selected_weights(self) -> dict[str, torch.Tensor]:
+        """The network's weights."""
+        return self.net.state_dict()
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore the network and optimiser from a saved state."""
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+
+
+def resume_run(trainer: Any, path: str | os.PathLike, run_hash: str, extra_keys: Sequence[str] = ()) -> RunState:
+    """The bookkeeping of the saved state at ``path`` (restored into ``trainer``) when it belongs to ``run_hash``,
+    else a fresh :class:`RunState`."""
+    state = load_state(path, run_hash)
+    if state is None:
+        return RunState()
+    trainer.load(state)
+    return RunState.from_state(state, extra_keys=extra_keys)
+
+
 def snapshot(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A detached copy of a state dict."""
     return {k: v.detach().clone() for k, v in weights.items()}
