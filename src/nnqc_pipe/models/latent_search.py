@@ -54,6 +54,13 @@ log = logging.getLogger(__name__)
 LATENT_VAE = "latent_vae.pt"
 
 
+# Bound of the posterior log-variance: the encoder's last layer flattens the whole slice (36,864 inputs at 192²
+# with three levels), and unbounded, its first outputs gave exp(logvar) overflows, a KL of 1.8e7 and NaN losses from
+# the second epoch on shared ACDC.
+LOGVAR_LIMIT = 10.0
+GRAD_CLIP = 1.0
+
+
 class JointVAE(nn.Module):
     """A VAE over (image, mask) slices: ``encode`` gives the posterior mean and log-variance of the latent vector,
     ``decode`` the image and the mask logits. Each of ``channels`` halves the slice (stride 2)."""
@@ -72,7 +79,8 @@ class JointVAE(nn.Module):
 
     def encode(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance [B, latent] of image slices [B, H, W] and class-index masks [B, H, W]."""
-        return self.net.encode_forward(torch.cat([image[:, None], one_hot(mask, self.n_classes)], dim=1))
+        mu, logvar = self.net.encode_forward(torch.cat([image[:, None], one_hot(mask, self.n_classes)], dim=1))
+        return mu, logvar.clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The image [B, H, W] and the mask logits [B, C, H, W] of latent vectors [B, latent]."""
@@ -134,8 +142,12 @@ class LatentVAETrainer(SingleNetwork):
         sums: dict[str, float] = {}
         for index in progress(batches, len(batches), f"latent_vae epoch {epoch + 1}"):
             loss, parts = vae_loss(self.net, *self._batch(self.train_set, index), self.cfg["beta"])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"latent_vae: non-finite loss at epoch {epoch + 1} ({parts}); lower "
+                                         "model.latent_search.lr or beta")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
             self.opt.step()
             for key, value in {"loss": float(loss.detach()), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
