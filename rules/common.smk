@@ -174,6 +174,33 @@ LEARNED_SOURCES = {
     for name, pattern_ in USER_SOURCES.items()
     if name not in config["learned"]["exclude_sources"]
 }
+# The repair stage (rules/repair.smk): a cohort segmenter refined on the subjects QC flags; its masks before and
+# after refinement are two more sources of every test and unlabelled subject.
+REPAIR = config["repair"]["enabled"]
+REPAIR_SOURCES = (
+    [config["repair"]["source"], f"{config['repair']['source']}_refined"]
+    if REPAIR
+    else []
+)
+if REPAIR and QC_MODEL_SOURCE:
+    raise WorkflowError(
+        "repair needs labelled training subjects for its segmenter; a qc_model cohort has none "
+        "(set repair.enabled: false)"
+    )
+if REPAIR and "learned" in (
+    config["repair"]["score"],
+    config["repair"]["reference"],
+) and not LEARNED:
+    raise WorkflowError(
+        "repair.score/repair.reference: learned needs the learned opinion: list learned in methods"
+    )
+if set(REPAIR_SOURCES) & set(USER_SOURCES):
+    raise WorkflowError(
+        f"repair.source: {sorted(set(REPAIR_SOURCES) & set(USER_SOURCES))} is also a user source; "
+        "choose another repair.source"
+    )
+if REPAIR:
+    REPORT_SETTINGS["repair_sources"] = REPAIR_SOURCES
 if config["report"]["verdict_score"] in ("learned", "combined") and not LEARNED:
     raise WorkflowError(
         f"report.verdict_score: {config['report']['verdict_score']} needs the learned opinion: list learned "
@@ -234,6 +261,7 @@ PATTERNS = {
     ),
     "scores": f"{OUT}/scores/{{source}}/{{subject}}.parquet",
     "selected": f"{OUT}/selected/{{subject}}.nii.gz",
+    "repair": f"{OUT}/repair/{{source}}/{{subject}}.nii.gz",
     "learned_candidates": f"{OUT}/learned/candidates/{{subject}}.npz",
     "learned": (
         f"{OUT}/learned/estimated/{{source}}/{{subject}}.nii.gz" if LEARNED else "none"
@@ -247,7 +275,9 @@ CANDIDATES = {
         for level in DEGRADED_LEVELS
     },
     **USER_SOURCES,
+    **{name: fill(PATTERNS["repair"], source=name) for name in REPAIR_SOURCES},
 }
+REPAIR_RECORD = f"{OUT}/repair/record.tsv"
 
 
 def pattern(name):
@@ -303,8 +333,9 @@ def roles(wildcards=None):
 @functools.lru_cache(maxsize=4)
 def _qc_sources(mtime):
     """Subject -> the sources QC'd for it: gt and the degraded levels for test subjects; every user source with a
-    candidate file for test and unlabelled subjects (a missing file is listed in the log, not invented). Subjects
-    with no source at all are left out."""
+    candidate file for test and unlabelled subjects (a missing file is listed in the log, not invented), and with
+    repair the cohort segmenter's two sources for every test and unlabelled subject. Subjects with no source at all
+    are left out."""
     r = _read_roles(SPLIT_TSV, mtime)
     out, missing = {}, {}
     for role in ("test", "unlabelled"):
@@ -315,6 +346,7 @@ def _qc_sources(mtime):
                     sources.append(name)
                 else:
                     missing.setdefault(name, []).append(subject)
+            sources += REPAIR_SOURCES
             if sources:
                 out[subject] = sources
     for name, subjects in missing.items():
@@ -418,8 +450,8 @@ def inspect_labels(wildcards):
 
 
 def candidate_inputs(stage, chunk):
-    """What the candidates of an infer chunk need: label files, degrade chunk records, user masks (the score chunks
-    depend on them through the infer chunk records)."""
+    """What the candidates of an infer chunk need: label files, degrade chunk records, user masks, the repair
+    stage's record (the score chunks depend on them through the infer chunk records)."""
     subjects = members(stage, chunk)
     sources = _qc_sources(_split_mtime(stage))
     files, degraded = set(), []
@@ -427,6 +459,8 @@ def candidate_inputs(stage, chunk):
         for source in sources[subject]:
             if source in DEGRADED_SOURCES:
                 degraded.append(subject)
+            elif source in REPAIR_SOURCES:
+                files.add(REPAIR_RECORD)
             else:
                 files.add(fill(CANDIDATES[source], subject=subject))
     return sorted(files) + (chunk_records("degrade", degraded) if degraded else [])

@@ -37,6 +37,17 @@ def build_segmenter(n_classes: int, channels: Sequence[int], res_units: int) -> 
                 strides=(2,) * (len(channels) - 1), num_res_units=res_units, norm="instance")
 
 
+@torch.inference_mode()
+def predict_stack(net: torch.nn.Module, image: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """Class indices [S, H, W] (uint8) of a segmenter on one preprocessed image stack [S, H, W] (eval mode)."""
+    net.eval()
+    out = []
+    for start in range(0, len(image), batch_size):
+        batch = torch.as_tensor(image[start:start + batch_size], dtype=torch.float32)[:, None]
+        out.append(net(batch.to(device)).argmax(1).to(torch.uint8).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, *image.shape[1:]), dtype=np.uint8)
+
+
 def prediction_key(subject: str, epoch: int) -> str:
     """Key of one held-out prediction in the segmenter state."""
     return f"{subject}|{epoch}"
@@ -48,8 +59,9 @@ class SegmenterTrainer(SingleNetwork):
 
     selection_key = "heldout_dice"
 
-    def __init__(self, fold: int, cfg: dict[str, Any], n_classes: int, device: torch.device) -> None:
-        self.kind = f"segmenter_fold{fold}"
+    def __init__(self, fold: int, cfg: dict[str, Any], n_classes: int, device: torch.device,
+                 kind: str | None = None) -> None:
+        self.kind = kind or f"segmenter_fold{fold}"
         self.cfg, self.n_classes, self.device = cfg, n_classes, device
         self.net = build_segmenter(n_classes, cfg["channels"], cfg["res_units"]).to(device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
@@ -95,15 +107,9 @@ class SegmenterTrainer(SingleNetwork):
             scores.append(1.0 if total == 0 else 2 * inter / total)
         return {"heldout_dice": float(np.mean(scores)) if scores else 0.0}
 
-    @torch.inference_mode()
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class indices [S, H, W] of one preprocessed image stack."""
-        self.net.eval()
-        out = []
-        for start in range(0, len(image), self.cfg["batch_size"]):
-            batch = torch.as_tensor(image[start:start + self.cfg["batch_size"]], dtype=torch.float32)[:, None]
-            out.append(self.net(batch.to(self.device)).argmax(1).to(torch.uint8).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, *image.shape[1:]), dtype=np.uint8)
+        return predict_stack(self.net, image, self.cfg["batch_size"], self.device)
 
     def load(self, state: dict[str, Any]) -> None:
         """Restore weights, optimiser and the predictions made before the interruption."""
@@ -116,7 +122,8 @@ class SegmenterTrainer(SingleNetwork):
                 "predictions": {k: torch.from_numpy(v) for k, v in self.predictions.items()}, **extra}
 
 
-def _stacks(npz_paths: Sequence[str | os.PathLike]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def labelled_stacks(npz_paths: Sequence[str | os.PathLike]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Subject -> (image, label) stacks of preprocessed labelled subjects; a subject without a label is an error."""
     out = {}
     for path in npz_paths:
         with np.load(path) as data:
@@ -132,7 +139,7 @@ def train_segmenter(fold: int, train_npz: Sequence[str | os.PathLike], heldout_n
     keyed ``{subject}|{epoch}``."""
     dev = resolve_device(device)
     seed_everything(seed + fold)
-    train, heldout = _stacks(train_npz), _stacks(heldout_npz)
+    train, heldout = labelled_stacks(train_npz), labelled_stacks(heldout_npz)
     if not train or not heldout:
         raise ValueError(f"segmenter fold {fold}: {len(train)} training and {len(heldout)} held-out subjects; "
                          "the learned QC needs labelled training subjects in every fold")

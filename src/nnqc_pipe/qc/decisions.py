@@ -301,21 +301,31 @@ def select_sources(
     exclude_sources: Sequence[str] = ("gt",),
     use_pgt_when_all_fail: bool = False,
     fail_dsc: float = 0.7,
+    fallback_sources: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Per subject, the candidate source with the highest predicted DSC for ``label``.
+    """Per subject, the candidate source with the highest predicted DSC for ``label``, and why.
 
     Candidates are the sources not in ``exclude_sources`` and not synthetic (``degraded_*``) with a finite
-    predicted DSC. Ties are broken by lowest uncertainty (missing last), then source name. Columns: (cohort,)
-    subject, selected_source, predicted_dsc, runner_up_source, margin (best − runner-up predicted DSC; NaN with a
-    single candidate), n_candidates, all_failed (every candidate predicted below ``fail_dsc``) and, when the table
-    has it, real_dsc of the selected source. With ``use_pgt_when_all_fail``, subjects where all candidates fail
-    select "pgt" instead: predicted_dsc, margin and real_dsc are NaN and runner_up_source is the best candidate.
+    predicted DSC. ``fallback_sources`` (the repair stage's cohort segmenter) are candidates of a subject only when
+    none of its other candidates reaches ``fail_dsc`` (or it has no other). Ties are broken by lowest uncertainty
+    (missing last), then source name. Columns: (cohort,) subject, selected_source, predicted_dsc, runner_up_source,
+    margin (best − runner-up predicted DSC; NaN with a single candidate), n_candidates, all_failed (every candidate
+    predicted below ``fail_dsc``), selected_reason (in words: where the kept mask comes from and why) and, when the
+    table has it, real_dsc of the selected source. With ``use_pgt_when_all_fail``, subjects where all candidates
+    fail select "pgt" instead: predicted_dsc, margin and real_dsc are NaN and runner_up_source is the best candidate.
     """
     keys = _subject_keys(subjects)
     candidates = _candidates(subjects, label, exclude_sources)
     candidates = candidates[np.isfinite(_number(candidates, "predicted_dsc"))].assign(
-        _uncertainty=lambda d: _number(d, "uncertainty")
+        _uncertainty=lambda d: _number(d, "uncertainty"),
+        _fallback=lambda d: d["source"].astype(str).isin(list(fallback_sources)),
     )
+    primary = candidates[~candidates["_fallback"]]
+    best_primary = primary.sort_values("predicted_dsc", ascending=False, kind="stable").groupby(keys).nth(0)
+    best_primary = best_primary.set_index(keys)[["source", "predicted_dsc"]]
+    passing = best_primary.index[best_primary["predicted_dsc"].astype(float) >= fail_dsc]
+    in_passing = candidates.set_index(keys).index.isin(passing)
+    candidates = candidates[~(candidates["_fallback"].to_numpy() & in_passing)]
     ranked = candidates.sort_values(
         [*keys, "predicted_dsc", "_uncertainty", "source"],
         ascending=[*[True] * len(keys), False, True, True],
@@ -338,8 +348,18 @@ def select_sources(
     )
     if "real_dsc" in subjects:
         selection["real_dsc"] = best["real_dsc"].astype(float)
+    primary_best = best_primary.reindex(best.index)
+    selection["selected_reason"] = [
+        _selection_reason(row, primary_best.loc[index], set(fallback_sources), fail_dsc)
+        for index, row in selection.iterrows()
+    ]
     if use_pgt_when_all_fail:
         fallback = selection["all_failed"]
+        selection.loc[fallback, "selected_reason"] = [
+            f"every candidate predicted below {fail_dsc:.2f} (best {source} {score:.2f}): the pGT as a pseudo-label"
+            for source, score in zip(selection.loc[fallback, "selected_source"],
+                                     selection.loc[fallback, "predicted_dsc"], strict=True)
+        ]
         selection.loc[fallback, "runner_up_source"] = selection.loc[fallback, "selected_source"]
         selection.loc[fallback, "selected_source"] = PGT_SOURCE
         selection.loc[fallback, ["predicted_dsc", "margin"]] = np.nan
@@ -351,6 +371,23 @@ def select_sources(
     if n_without > 0:
         logger.warning("%d subject(s) have no candidate source with a predicted DSC for %r", n_without, label)
     return selection.reset_index()
+
+
+def _selection_reason(row: pd.Series, best_primary: pd.Series, fallback_sources: set[str], fail_dsc: float) -> str:
+    """Why ``row`` (a selection row) keeps its source, in words; ``best_primary`` is the subject's best candidate
+    outside ``fallback_sources`` (source and predicted_dsc, NaN without one)."""
+    chosen = f"{row['selected_source']} {row['predicted_dsc']:.2f}"
+    if row["selected_source"] in fallback_sources:
+        if pd.isna(best_primary["predicted_dsc"]):
+            return f"no user source: the cohort segmenter's {chosen}"
+        return (f"every user source predicted below {fail_dsc:.2f} (best {best_primary['source']} "
+                f"{best_primary['predicted_dsc']:.2f}): the cohort segmenter's {chosen}")
+    if row["all_failed"]:
+        return f"every candidate predicted below {fail_dsc:.2f}; the best is {chosen}"
+    if row["n_candidates"] == 1:
+        return f"the only candidate: {chosen}"
+    return (f"highest predicted DSC of {row['n_candidates']} candidates: {chosen} "
+            f"(runner-up {row['runner_up_source']} by {row['margin']:.2f})")
 
 
 def selection_summary(

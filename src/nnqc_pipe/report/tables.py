@@ -162,7 +162,10 @@ SELECTION_SCHEMA = {
     "n_candidates": "int64",
     "all_failed": "bool",
     "real_dsc": "float64",
+    "selected_reason": "str",
 }
+# selection.repair_sources: how the repair stage's masks enter the selection.
+REPAIR_MODES = ("fallback", "compete")
 EXCLUSIONS_COLUMNS = ["subject", "source", "label", "verdict", "risk", "reason"]
 
 
@@ -374,11 +377,16 @@ def add_predictors(subjects: pd.DataFrame, agreement: pd.DataFrame | None
     return subjects, {"calibration": calibration, "combined": combination}
 
 
-def build_selection(subjects: pd.DataFrame, use_pgt_when_all_fail: bool, fail_dsc: float) -> pd.DataFrame:
+def build_selection(subjects: pd.DataFrame, use_pgt_when_all_fail: bool, fail_dsc: float,
+                    repair_sources: Sequence[str] = (), repair_mode: str = "fallback") -> pd.DataFrame:
     """The best source per subject by its foreground verdict score (:func:`nnqc_pipe.qc.decisions.select_sources`;
-    the table's ``predicted_dsc`` is that score)."""
+    the table's ``predicted_dsc`` is that score). The repair stage's ``repair_sources`` are fallbacks (considered
+    only where every user source fails, ``repair_mode`` ``fallback``) or ordinary candidates (``compete``)."""
+    if repair_mode not in REPAIR_MODES:
+        raise ValueError(f"selection.repair_sources {repair_mode!r} is not one of {REPAIR_MODES}")
     selection = select_sources(subjects.assign(**{f"{PREDICTED}_dsc": subjects["verdict_score"]}), FOREGROUND,
-                               use_pgt_when_all_fail=use_pgt_when_all_fail, fail_dsc=fail_dsc)
+                               use_pgt_when_all_fail=use_pgt_when_all_fail, fail_dsc=fail_dsc,
+                               fallback_sources=repair_sources if repair_mode == "fallback" else ())
     return typed(selection, SELECTION_SCHEMA)
 
 
@@ -397,6 +405,8 @@ def write_report(
     agreement: pd.DataFrame | None = None,
     verdict_score: str = "nnqc",
     methods: Sequence[str] = OPINIONS,
+    repair_sources: Sequence[str] = (),
+    repair_mode: str = "fallback",
 ) -> dict[str, pd.DataFrame]:
     """Build the report tables from the scores files and write them to ``out_dir``.
 
@@ -410,8 +420,9 @@ def write_report(
     ``ranking_metric`` and ``ranking_label``; ``selection.parquet`` the real DSC of the selection against the best
     single source and an oracle (where ground truth exists). ``ood_inputs`` (ingestion records by subject, training
     fingerprint) flags the candidates outside the training range (:func:`nnqc_pipe.qc.ood.ood_table`);
-    ``verdict_score`` (:data:`VERDICT_SCORES`) is the score the verdicts and the selection act on. Returns the
-    tables by name.
+    ``verdict_score`` (:data:`VERDICT_SCORES`) is the score the verdicts and the selection act on;
+    ``repair_sources`` (the repair stage's two sources) enter the selection as ``repair_mode`` says
+    (:func:`build_selection`). Returns the tables by name.
     """
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
     left_out = left_out_columns(methods)
@@ -433,7 +444,8 @@ def write_report(
               "slices": build_slices(scores).drop(columns=left_out, errors="ignore")}
     tables["summary"] = build_summary(tables["subjects"], thresholds.fail_dsc)
     tables["ranking"] = build_ranking(tables["subjects"], ranking_metric, ranking_label)
-    tables["selection"] = build_selection(tables["subjects"], use_pgt_when_all_fail, thresholds.fail_dsc)
+    tables["selection"] = build_selection(tables["subjects"], use_pgt_when_all_fail, thresholds.fail_dsc,
+                                          repair_sources, repair_mode)
     tables["review"] = review_slices(tables["slices"], tables["subjects"], review_slices_per_subject)
     tables["methods"] = build_methods(tables["subjects"], thresholds.fail_dsc)
     common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc, "verdict_thresholds": asdict(thresholds),
@@ -442,7 +454,8 @@ def write_report(
     extra_meta = {
         "ranking": {"kendall_tau": tau, "ranking_metric": ranking_metric, "ranking_label": ranking_label},
         "selection": {"selection_summary": _json_safe(selection_summary(tables["subjects"], tables["selection"])),
-                      "use_pgt_when_all_fail": use_pgt_when_all_fail},
+                      "use_pgt_when_all_fail": use_pgt_when_all_fail,
+                      "repair_sources": list(repair_sources), "repair_mode": repair_mode},
         "methods": board_metadata(tables["methods"], tables["subjects"], thresholds.fail_dsc),
     }
     out = Path(out_dir)

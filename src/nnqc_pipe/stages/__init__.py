@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "models": ("embed", "import_model", "train_vae", "train_ldm"),
     "learned": ("train_segmenter", "learned_candidates", "train_qcnet"),
     "latent": ("train_latent_vae",),
+    "repair": ("train_repair_segmenter", "repair"),
     "infer": ("infer",),
     "score": ("score",),
     "report": ("report",),

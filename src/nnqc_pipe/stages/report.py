@@ -36,7 +36,8 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
         out_dir: report folder.
         cohort: the cohort name.
         settings: JSON object of the config's report section (thresholds, n_overlays, ...) with the selection
-            section under "selection" and the QC opinions computed (the config's methods) under "methods".
+            section under "selection", the QC opinions computed (the config's methods) under "methods" and, with
+            the repair stage, its two source names under "repair_sources".
         config_digest: hash of the config (provenance).
         model_dir: folder with vae.pt, ldm.pt, model_card.json (and qcnet.pt, latent_vae.pt when their opinions
             are on).
@@ -74,7 +75,9 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
                           use_pgt_when_all_fail=settings["selection"]["use_pgt_when_all_fail"],
                           review_slices_per_subject=settings["review_slices_per_subject"], agreement=agreement,
                           ood_inputs=(inspect_records, read_json(fingerprint_json)),
-                          verdict_score=settings["verdict_score"], methods=methods)
+                          verdict_score=settings["verdict_score"], methods=methods,
+                          repair_sources=settings.get("repair_sources", []),
+                          repair_mode=settings["selection"]["repair_sources"])
     regions = error_region_table(tables["subjects"], candidates, pgt, plan_.slicing_axis)
     if learned:
         regions = pd.concat([regions, error_region_table(tables["subjects"], candidates, learned, plan_.slicing_axis,
