@@ -3,21 +3,40 @@ the selection with the cohort segmenter's sources, and the stage switched off (n
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_infer import AFFINE, INFERENCE, N_SLICES, PLAN, SHAPE, _patch_pgt
 from test_workflow import base_config, run_snakemake
 
+from nnqc_pipe.data import preprocess as pp
 from nnqc_pipe.dice import dice
+from nnqc_pipe.models.pgt import PGT
 from nnqc_pipe.models.repair import Refiner
 from nnqc_pipe.models.segmenter import build_segmenter
+from nnqc_pipe.qc import infer as infer_module
 from nnqc_pipe.qc.decisions import VerdictThresholds
-from nnqc_pipe.qc.repair import ROUNDS_COLUMNS, RepairSettings, SubjectQC, flag_table, refine_loop, stop_reason, \
-    tukey_low
+from nnqc_pipe.qc.repair import (
+    ROUNDS_COLUMNS,
+    RepairSettings,
+    SubjectQC,
+    cohort_qc,
+    flag_table,
+    refine_loop,
+    stop_reason,
+    tukey_low,
+)
 from nnqc_pipe.report.tables import SELECTION_SCHEMA, build_selection
 
 REPAIR_RULES = {"train_repair_segmenter", "repair"}
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,6 +179,41 @@ def test_loop_stops_after_k_epochs(tiny_cohort):
     assert [c["alpha"] for c in result.curves] == [1.0, 0.5]
 
 
+@pytest.fixture
+def stubbed_subject(tmp_path, monkeypatch) -> tuple[pp.Preprocessed, dict]:
+    """test_infer's subject (a flipped, permuted, anisotropic grid) and a sampler that returns its hand-placed pGT
+    (uncertainty of patch slice s: s/10), recording the seed it was given."""
+    image = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=SHAPE).astype(np.float32), AFFINE), image)
+    seen: dict = {}
+
+    def generate(models, candidate, slice_ratio, embeddings, **kwargs) -> PGT:
+        seen["seed"] = kwargs["seed"]
+        return PGT(np.moveaxis(pp.one_hot(_patch_pgt(), 3), 0, 1), np.arange(N_SLICES, dtype=np.float32) / 10)
+
+    monkeypatch.setattr(infer_module, "generate_pgt", generate)
+    return pp.preprocess_subject("s1", image, None, PLAN), seen
+
+
+def test_cohort_qc_scores_a_patch_mask_against_its_pgt_on_the_original_grid(stubbed_subject):
+    """The loop's QC of a mask: the mask goes back to the original grid, gets its pGT with the subject's seed, is
+    scored there, and the reference is the pGT mapped to the patch grid (the hand-placed voxel outside the image is
+    cropped)."""
+    pre, seen = stubbed_subject
+    qc = cohort_qc(SimpleNamespace(n_classes=3), {"s1": pre}, None, INFERENCE, {"s1": 11})
+    placed = _patch_pgt()
+    same = qc("s1", placed)
+    assert seen["seed"] == 11 and same.score == 1.0
+    inside = placed.copy()
+    inside[0, 0, 8] = 0
+    np.testing.assert_array_equal(same.reference, inside)
+    assert same.uncertainty == pytest.approx(np.mean(np.arange(6) / 10))
+    empty = qc("s1", np.zeros_like(placed))
+    assert empty.score == 0.0 and np.array_equal(empty.reference, inside)
+    with pytest.raises(ValueError, match="learned opinion"):
+        cohort_qc(SimpleNamespace(n_classes=3), {"s1": pre}, None, INFERENCE, {"s1": 11}, reference="learned")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Selection with the cohort segmenter's sources
 # ---------------------------------------------------------------------------------------------------
@@ -235,3 +289,41 @@ def test_repair_with_learned_reference_needs_the_learned_opinion(tmp_path):
     config = repair_config(tmp_path, repair={"enabled": True, "reference": "learned"}, methods=["nnqc"])
     proc = run_snakemake(config, tmp_path, "--list-rules")
     assert proc.returncode != 0 and "needs the learned opinion" in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark's figures (benchmarks/repair.py) on the selection tables above
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_repair", REPO / "benchmarks" / "repair.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_figures():
+    bench = load_benchmark()
+    subjects = selection_subjects()
+    selection = build_selection(subjects, False, 0.7, REPAIR, "fallback")
+    rounds = pd.DataFrame({"round": [0, 0, 0, 0, 1, 1], "subject": ["s1", "s2", "s3", "s4", "s2", "s3"],
+                           "flagged": [False, True, True, False, False, True]})
+    figures = bench.summarise(subjects, selection, rounds, REPAIR, repair_seconds=120.0)
+    assert figures["n_subjects"] == 4 and figures["best_user_source"] is None  # unet lacks s4: no complete source
+    only_unet = bench.summarise(subjects[subjects["subject"] != "s4"], selection, rounds, REPAIR)
+    assert only_unet["best_user_source"] == "unet"
+    assert only_unet["best_user_real_dsc"] == pytest.approx((0.91 + 0.45 + 0.42) / 3)
+    assert figures["segmenter_real_dsc"] == pytest.approx((0.80 + 0.62 + 0.30 + 0.77) / 4)
+    assert figures["selection_real_dsc"] == pytest.approx((0.91 + 0.86 + 0.42 + 0.84) / 4)
+    assert figures["oracle_real_dsc"] == pytest.approx((0.93 + 0.86 + 0.42 + 0.84) / 4)
+    assert figures["n_flagged"] == 2 and figures["n_repaired"] == 1 and figures["repaired_subjects"] == ["s2"]
+    assert figures["flagged_refined_real_dsc"] == pytest.approx((0.86 + 0.33) / 2)
+    assert figures["refinement_epochs"] == 1 and figures["minutes_per_100_refined"] == pytest.approx(100.0)
+    assert figures["checks"]["refinement_raises_flagged_real_dsc"]
+    assert figures["checks"]["selection_within_0.01_of_oracle"]  # s1 kept unet, 0.02 below the oracle: 0.005 in mean
+    assert not figures["checks"]["selection_above_best_single_source"]  # no best single source to beat
+    assert "repaired" in bench.format_figures(figures)
+    with pytest.raises(ValueError, match="repair.enabled"):
+        bench.summarise(subjects[~subjects["source"].isin(REPAIR)], selection, rounds, REPAIR)
