@@ -187,10 +187,12 @@ if REPAIR and QC_MODEL_SOURCE:
         "repair needs labelled training subjects for its segmenter; a qc_model cohort has none "
         "(set repair.enabled: false)"
     )
-if REPAIR and "learned" in (
+# The repair loop's score or reference is the learned opinion's: it needs the QC network.
+REPAIR_USES_LEARNED = REPAIR and "learned" in {
     config["repair"]["score"],
     config["repair"]["reference"],
-) and not LEARNED:
+}
+if REPAIR_USES_LEARNED and not LEARNED:
     raise WorkflowError(
         "repair.score/repair.reference: learned needs the learned opinion: list learned in methods"
     )

@@ -42,7 +42,8 @@ if REPAIR:
             split_tsv=SPLIT_TSV,
             plan=f"{OUT}/plan.json",
             preprocessed=lambda w: chunk_records(
-                "preprocess", training_subjects() + roles()["test"] + roles()["unlabelled"]
+                "preprocess",
+                training_subjects() + roles()["test"] + roles()["unlabelled"],
             ),
             embeddings=lambda w: (
                 chunk_records("embed", roles()["test"] + roles()["unlabelled"])
@@ -51,11 +52,7 @@ if REPAIR:
             ),
             vae=f"{MODELS}/vae.pt",
             ldm=f"{MODELS}/ldm.pt",
-            qcnet=(
-                f"{MODELS}/qcnet.pt"
-                if "learned" in (config["repair"]["score"], config["repair"]["reference"])
-                else []
-            ),
+            qcnet=f"{MODELS}/qcnet.pt" if REPAIR_USES_LEARNED else [],
         output:
             record=REPAIR_RECORD,
             rounds=f"{OUT}/repair/rounds.parquet",

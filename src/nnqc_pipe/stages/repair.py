@@ -96,6 +96,8 @@ def repair(split_tsv: PathLike, npz: str, embeddings: str | None, plan_json: Pat
     cfg = resolve(settings["preset"], model_settings(settings, plan_), plan_)
     roles = read_split(split_tsv)
     cohort = sorted(roles["test"] + roles["unlabelled"])
+    if not cohort:
+        raise ValueError(f"{split_tsv}: no test or unlabelled subject for the repair stage to segment")
     labelled = labelled_stacks([fill(npz, subject=s) for s in roles["train"]])
     preprocessed = {s: load_preprocessed(fill(npz, subject=s)) for s in cohort}
     learned = None
