@@ -45,6 +45,11 @@ def _mean(values: pd.Series) -> float:
     return float(values.mean()) if len(values) else math.nan
 
 
+def _check(a: float, b: float, holds: Any) -> bool | None:
+    """``holds(a, b)``, or None when either figure is NaN."""
+    return None if math.isnan(a) or math.isnan(b) else bool(holds(a, b))
+
+
 def real_dsc_table(subjects: pd.DataFrame) -> pd.DataFrame:
     """Subject x source real foreground DSC of the labelled rows (gt and the degraded levels left out)."""
     rows = subjects[(subjects["label"] == FOREGROUND) & subjects["real_dsc"].notna()]
@@ -93,12 +98,12 @@ def summarise(subjects: pd.DataFrame, selection: pd.DataFrame, rounds: pd.DataFr
         figures["minutes_per_100_cohort_subjects"] = 100 * repair_seconds / 60 / max(figures["n_cohort_subjects"], 1)
         figures["minutes_per_100_refined"] = (100 * repair_seconds / 60 / figures["n_flagged"]
                                               if figures["n_flagged"] else math.nan)
-    figures["checks"] = {
-        "selection_above_best_single_source": bool(figures["selection_real_dsc"] > figures["best_user_real_dsc"]),
-        "selection_within_0.01_of_oracle": bool(figures["oracle_real_dsc"] - figures["selection_real_dsc"]
-                                                <= ORACLE_GAP),
-        "refinement_raises_flagged_real_dsc": bool(figures["flagged_refined_real_dsc"]
-                                                   > figures["flagged_segmenter_real_dsc"]),
+    best, selected, oracle = (figures[k] for k in ("best_user_real_dsc", "selection_real_dsc", "oracle_real_dsc"))
+    flagged_before, flagged_after = figures["flagged_segmenter_real_dsc"], figures["flagged_refined_real_dsc"]
+    figures["checks"] = {  # None: a figure is missing (no user source, nothing flagged)
+        "selection_above_best_single_source": _check(best, selected, lambda b, s: s > b),
+        "selection_within_0.01_of_oracle": _check(oracle, selected, lambda o, s: o - s <= ORACLE_GAP),
+        "refinement_raises_flagged_real_dsc": _check(flagged_before, flagged_after, lambda b, a: a > b),
     }
     return figures
 
@@ -132,7 +137,7 @@ def format_figures(figures: dict[str, Any]) -> str:
         lines.append(f"cost: {figures['repair_minutes']:.1f} min for the repair rule, "
                      f"{number(figures['minutes_per_100_cohort_subjects'])} min per 100 cohort subjects, "
                      f"{number(figures['minutes_per_100_refined'])} min per 100 subjects refined")
-    lines += [f"{'PASS' if ok else 'MISS'} {name}" for name, ok in figures["checks"].items()]
+    lines += [f"{'n/a ' if ok is None else 'PASS' if ok else 'MISS'} {name}" for name, ok in figures["checks"].items()]
     return "\n".join(lines)
 
 

@@ -323,7 +323,8 @@ def test_benchmark_figures():
     assert figures["refinement_epochs"] == 1 and figures["minutes_per_100_refined"] == pytest.approx(100.0)
     assert figures["checks"]["refinement_raises_flagged_real_dsc"]
     assert figures["checks"]["selection_within_0.01_of_oracle"]  # s1 kept unet, 0.02 below the oracle: 0.005 in mean
-    assert not figures["checks"]["selection_above_best_single_source"]  # no best single source to beat
+    assert figures["checks"]["selection_above_best_single_source"] is None  # no best single source to beat
+    assert only_unet["checks"]["selection_above_best_single_source"]
     assert "repaired" in bench.format_figures(figures)
     with pytest.raises(ValueError, match="repair.enabled"):
         bench.summarise(subjects[~subjects["source"].isin(REPAIR)], selection, rounds, REPAIR)

@@ -378,10 +378,11 @@ def _selection_reason(row: pd.Series, best_primary: pd.Series, fallback_sources:
     outside ``fallback_sources`` (source and predicted_dsc, NaN without one)."""
     chosen = f"{row['selected_source']} {row['predicted_dsc']:.2f}"
     if row["selected_source"] in fallback_sources:
+        failing = f", itself below {fail_dsc:.2f}" if row["all_failed"] else ""
         if pd.isna(best_primary["predicted_dsc"]):
-            return f"no user source: the cohort segmenter's {chosen}"
+            return f"no user source: the cohort segmenter's {chosen}{failing}"
         return (f"every user source predicted below {fail_dsc:.2f} (best {best_primary['source']} "
-                f"{best_primary['predicted_dsc']:.2f}): the cohort segmenter's {chosen}")
+                f"{best_primary['predicted_dsc']:.2f}): the cohort segmenter's {chosen}{failing}")
     if row["all_failed"]:
         return f"every candidate predicted below {fail_dsc:.2f}; the best is {chosen}"
     if row["n_candidates"] == 1:
