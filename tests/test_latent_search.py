@@ -13,11 +13,16 @@ import torch
 
 from nnqc_pipe.models.latent_search import (
     LATENT_VAE,
+    CropBox,
     JointVAE,
     LatentVAETrainer,
     SearchSettings,
+    crop_box,
     latent_search,
     load_latent_search,
+    mask_window,
+    paste_window,
+    window_theta,
 )
 from nnqc_pipe.models.training import SliceSet
 from nnqc_pipe.qc.baselines import LATENT_PREFIX, reconstruction_counts, reconstruction_dice
@@ -26,8 +31,8 @@ from nnqc_pipe.stages.latent import train_latent_vae
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 SIZE = 32
-CFG = {"channels": [8, 16, 32], "latent_size": 16, "lr": 3e-3, "beta": 1e-3, "batch_size": 32, "val_max_slices": 64,
-       "search": {"steps": 30}}
+CFG = {"grid": SIZE, "margin": 1.3, "augment": True, "channels": [8, 16, 32], "latent_size": 16, "lr": 3e-3,
+       "beta": 1e-3, "batch_size": 32, "val_max_slices": 64, "search": {"steps": 30}}
 
 
 def disks(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,19 +91,39 @@ def test_a_true_pair_stays_close_to_itself(model, test_pairs):
 
 
 def test_a_broken_mask_is_pulled_towards_the_manifold(model, test_pairs):
-    """Half of each disk erased: the surrogate recovers the disk the image shows, so the candidate scores low
-    against it (the latent-search DSC), unlike a true mask."""
+    """Half of each disk erased: the surrogate recovers part of the disk the image shows, so the candidate scores
+    low against it (the latent-search DSC), unlike a true mask. The window follows the candidate, so the erased half
+    shifts it off the disks and limits the recovery (Dice 0.44 -> 0.59-0.69 here; 0.44 -> 0.85 on the whole
+    patch, before the window)."""
     images, masks = test_pairs
     broken = masks.copy()
     broken[:, :, SIZE // 2:] = 0
     result = latent_search(model, images, broken, SearchSettings(steps=30))
     before = np.mean([dice(b, m) for b, m in zip(broken, masks, strict=True)])
     after = np.mean([dice(s, m) for s, m in zip(result.surrogate, masks, strict=True)])
-    assert after >= before + 0.3 and after >= 0.85
+    assert after >= before + 0.1
     true_pairs = latent_search(model, images, masks, SearchSettings(steps=30))
     score_broken = np.mean([dice(b, s) for b, s in zip(broken, result.surrogate, strict=True)])
     score_true = np.mean([dice(m, s) for m, s in zip(masks, true_pairs.surrogate, strict=True)])
     assert score_broken < score_true - 0.3
+
+
+def test_the_window_follows_the_mask_and_pastes_back_in_place():
+    """The window is centred on the volume's foreground box, its side the box's extent times the margin (at least
+    grid / 2, the whole patch when empty); sampling a mask into it and pasting its one-hot back returns the mask."""
+    mask = np.zeros((3, 40, 48), np.int64)
+    mask[1, 10:20, 20:36] = 1
+    mask[2, 12:18, 22:30] = 1
+    box = crop_box(mask, margin=1.5, grid=16)
+    assert box.center == (14.5, 27.5) and box.size == 24.0
+    assert crop_box(mask, margin=1.0, grid=64).size == 32.0
+    assert crop_box(np.zeros_like(mask), 1.5, 16) == CropBox((19.5, 23.5), 48.0)
+    theta = window_theta(np.tile(box.center, (3, 1)), np.full(3, box.size), mask.shape[1:])
+    window = mask_window(torch.as_tensor(mask), theta, 2, grid=24)  # one window pixel per patch pixel
+    assert window.shape == (3, 2, 24, 24) and torch.allclose(window.sum(1), torch.ones(3, 24, 24))
+    assert int(window[1, 1].sum()) == int((mask[1] == 1).sum())
+    back = paste_window(window, box, mask.shape[1:]).argmax(1).numpy()
+    np.testing.assert_array_equal(back, mask)
 
 
 def test_slices_are_searched_independently_of_their_batch(model, test_pairs):

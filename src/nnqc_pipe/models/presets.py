@@ -59,12 +59,14 @@ _COMMON: dict[str, Any] = {
     "qcnet": {"channels": [16, 32, 64, 128], "res_units": 2, "lr": 1e-3, "epochs": 30, "volumes_per_epoch": 120,
               "volumes_per_step": 2, "patience": 8, "max_minutes": 12, "batch_size": 64,
               "loss_weights": {"bce": 1.0, "dice": 0.5, "dsc": 2.0}},
-    # Wang et al.'s latent search (models/latent_search.py): the joint image–mask VAE (each of ``channels`` halves
-    # the slice; loss image MSE + mask CE + beta·KL; selected on the validation slices' reconstruction Dice) and
-    # the search at inference (Adam ``steps`` at ``lr`` from the encoder's mean, ``batch_size`` slices at a time).
-    # Not yet measured on a cohort: the image weight 10 is the phantoms' (tests/test_latent_search.py).
-    "latent_search": {"channels": [16, 32, 64], "latent_size": 64, "beta": 1e-3, "lr": 2e-3, "batch_size": 32,
-                      "epochs": 40, "patience": 8, "max_minutes": 8, "val_max_slices": 512,
+    # Wang et al.'s latent search (models/latent_search.py): the joint image–mask VAE on a ``grid``² window around
+    # each volume's mask (side: the foreground box's extent times ``margin``; jittered in training when
+    # ``augment``; each of ``channels`` halves it; loss image MSE + mask CE + beta·KL; selected on the validation
+    # slices' reconstruction Dice) and the search at inference (Adam ``steps`` at ``lr`` from the encoder's mean,
+    # ``batch_size`` slices at a time). Measured on shared ACDC and hippocampus in docs/method.md.
+    "latent_search": {"grid": 64, "margin": 1.3, "augment": True, "channels": [16, 32, 64, 128], "latent_size": 64,
+                      "beta": 1e-3, "lr": 1e-3, "batch_size": 32, "epochs": 600, "patience": 100, "max_minutes": 6,
+                      "val_max_slices": 512,
                       "search": {"steps": 30, "lr": 0.05, "image_weight": 10.0, "mask_weight": 1.0,
                                  "prior_weight": 1e-3, "batch_size": 64}},
     "noise": {
@@ -182,8 +184,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "segmenter": {"channels": [32, 64, 128, 256], "res_units": 2, "max_minutes": None},
             "qcnet": {"channels": [32, 64, 128, 256, 320], "epochs": 200, "volumes_per_epoch": 400, "patience": 30,
                       "max_minutes": None},
-            "latent_search": {"channels": [32, 64, 128, 256], "latent_size": 128, "epochs": 300, "patience": 30,
-                              "max_minutes": None, "search": {"steps": 100}},
+            "latent_search": {"grid": 128, "channels": [32, 64, 128, 256], "latent_size": 128, "epochs": 1000,
+                              "patience": 150, "max_minutes": None, "search": {"steps": 100}},
             "noise": {"prediction_type": "epsilon"},
             "inference": {"ddim_steps": 20, "n_samples": 1, "batch_size": 32},
         },
@@ -222,7 +224,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "segmenter": {"channels": [8, 16], "checkpoints": [1, 2], "max_minutes": 2},
             "qcnet": {"channels": [8, 16, 32], "res_units": 1, "epochs": 2, "volumes_per_epoch": 16, "patience": None,
                       "max_minutes": 2},
-            "latent_search": {"channels": [8, 16], "latent_size": 16, "epochs": 2, "patience": None, "max_minutes": 2,
+            "latent_search": {"grid": 32, "channels": [8, 16], "latent_size": 16, "epochs": 2, "patience": None,
+                              "max_minutes": 2,
                               "val_max_slices": 128, "search": {"steps": 10}},
             "inference": {"ddim_steps": 10, "batch_size": 32},
         },
@@ -291,18 +294,16 @@ def _validate(cfg: dict[str, Any]) -> None:
     if any(s % factor for s in cfg["patch_size"]):
         raise ValueError(f"patch_size {cfg['patch_size']} must be a multiple of {factor} for vae.channels")
     latent_factor = 2 ** len(cfg["latent_search"]["channels"])
-    if any(s % latent_factor for s in cfg["patch_size"]):
-        raise ValueError(f"patch_size {cfg['patch_size']} must be a multiple of {latent_factor} for "
-                         "latent_search.channels")
+    if cfg["latent_search"]["grid"] % latent_factor:
+        raise ValueError(f"latent_search.grid {cfg['latent_search']['grid']} must be a multiple of {latent_factor} "
+                         "for latent_search.channels")
     if cfg["n_classes"] < 2:
         raise ValueError("n_classes must be at least 2 (background + one structure)")
 
 
 def required_divisor(cfg: dict[str, Any]) -> int:
-    """Patch-size multiple at which neither the autoencoder nor the UNet needs padding, and the latent search's
-    VAE fits (a planner hint)."""
-    return max(2 ** (len(cfg["vae"]["channels"]) - 1) * 2 ** (len(cfg["ldm"]["channels"]) - 1),
-               2 ** len(cfg["latent_search"]["channels"]))
+    """Patch-size multiple at which neither the autoencoder nor the UNet needs padding (a planner hint)."""
+    return 2 ** (len(cfg["vae"]["channels"]) - 1) * 2 ** (len(cfg["ldm"]["channels"]) - 1)
 
 
 def check_overrides(overrides: dict[str, Any], preset_name: str, where: str = "model") -> None:
