@@ -577,9 +577,11 @@ def review_shares(subjects: pd.DataFrame, meta: dict[str, Any]) -> dict[str, dic
 
 def next_best_agreement(subjects: pd.DataFrame, candidates: dict[str, str], best: str) -> dict[str, Any]:
     """Within the best real model: Pearson r of the real DSC with the DSC of its mask against the next-best real
-    model's mask of the same subject (the single-source agreement baseline, the stronger one on held-out data)."""
+    model's mask of the same subject (the single-source agreement baseline, the stronger one on held-out data); the
+    models are the configured sources with a mask path in ``candidates``."""
     rows = foreground(subjects)
-    means = rows[rows["source"].map(is_user_source)].groupby("source")[REAL].mean().sort_values(ascending=False)
+    rows = rows[rows["source"].isin(candidates)]  # the benchmark's models (not the repair stage's segmenter)
+    means = rows.groupby("source")[REAL].mean().sort_values(ascending=False)
     if best not in means.index or len(means) < 2:
         return {"next_best": None, "r": math.nan}
     other = next(s for s in means.index if s != best)
@@ -598,7 +600,7 @@ def error_map_scores(subjects: pd.DataFrame, candidates: dict[str, str], gt: str
     (connected components of at least ``min_voxels``): recall = real regions touched by a predicted error voxel,
     precision = predicted regions (same size rule) touching a real error voxel."""
     rows = foreground(subjects)
-    rows = rows[rows["source"].map(is_user_source)]
+    rows = rows[rows["source"].isin(candidates)]  # the benchmark's models (not the repair stage's segmenter)
     structure = ndimage.generate_binary_structure(3, 3)
     out = {}
     for opinion, pattern in references.items():

@@ -208,6 +208,13 @@ if config["report"]["verdict_score"] in ("learned", "combined") and not LEARNED:
         f"report.verdict_score: {config['report']['verdict_score']} needs the learned opinion: list learned "
         "in methods (with qc_model, a bundle exported with qcnet.pt)"
     )
+SELECTION_SCORE_METHOD = {"calibrated": "nnqc", "combined": "learned"}.get(
+    config["selection"]["score"], config["selection"]["score"]
+)
+if SELECTION_SCORE_METHOD != "verdict" and SELECTION_SCORE_METHOD not in METHODS:
+    raise WorkflowError(
+        f"selection.score: {config['selection']['score']} needs {SELECTION_SCORE_METHOD} in methods"
+    )
 # Rules run `python -m nnqc_pipe`; the package is importable from this checkout in any environment.
 shell.prefix(
     f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "

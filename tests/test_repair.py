@@ -267,6 +267,20 @@ def test_selection_compete_and_pgt_fallback():
         build_selection(selection_subjects(), False, 0.7, REPAIR, "always")
 
 
+def test_selection_ranks_on_the_configured_score():
+    subjects = selection_subjects()
+    # the latent search's scores order s1 the other way round: unet above both segmenter masks
+    subjects["latent_search_dsc"] = subjects["verdict_score"].where(subjects["source"] != "unet", 0.99)
+    by_latent = build_selection(subjects, False, 0.7, REPAIR, "compete", score="latent_search").set_index("subject")
+    assert by_latent.loc["s1", "selected_source"] == "unet" and by_latent.loc["s1", "predicted_dsc"] == 0.99
+    assert by_latent.loc["s1", "real_dsc"] == 0.91
+    by_verdict = build_selection(subjects, False, 0.7, REPAIR, "compete").set_index("subject")
+    assert by_verdict.loc["s1", "selected_source"] == "nnqc_segmenter_refined"
+    with pytest.raises(ValueError, match="no learned_dsc values"):
+        build_selection(subjects, False, 0.7, REPAIR, "compete", score="learned")
+    with pytest.raises(ValueError, match="is not one of"):
+        build_selection(subjects, False, 0.7, REPAIR, "compete", score="best")
+
 # ---------------------------------------------------------------------------------------------------
 # The workflow: the stage switched off defines no rule; switched on, a wrong combination stops the run
 # ---------------------------------------------------------------------------------------------------
@@ -289,6 +303,12 @@ def test_repair_with_learned_reference_needs_the_learned_opinion(tmp_path):
     config = repair_config(tmp_path, repair={"enabled": True, "reference": "learned"}, methods=["nnqc"])
     proc = run_snakemake(config, tmp_path, "--list-rules")
     assert proc.returncode != 0 and "needs the learned opinion" in proc.stdout + proc.stderr
+
+
+def test_selection_score_needs_its_method(tmp_path):
+    config = repair_config(tmp_path, selection={"score": "latent_search"})
+    proc = run_snakemake(config, tmp_path, "--list-rules")
+    assert proc.returncode != 0 and "needs latent_search in methods" in proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------

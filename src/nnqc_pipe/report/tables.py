@@ -66,6 +66,7 @@ from nnqc_pipe.report.methods import (
     ALL_DEGRADED,
     ALL_SOURCES,
     DEGRADED_PREFIX,
+    METHODS,
     OPINIONS,
     agreement,
     board_metadata,
@@ -207,6 +208,8 @@ def subject_rows(scores: pd.DataFrame, ood: pd.DataFrame | None = None) -> pd.Da
     return subjects
 
 
+# selection.score: the verdict score (the default), else a method of the board (its METHODS column).
+VERDICT_SELECTION = "verdict"
 # report.verdict_score -> the column the verdicts, Tukey flags, qc_pass and the selection act on.
 VERDICT_SCORES = {"nnqc": f"{PREDICTED}_dsc", "learned": LEARNED_DSC, "combined": COMBINED_COLUMN,
                   "calibrated": CALIBRATED_COLUMN}
@@ -377,14 +380,28 @@ def add_predictors(subjects: pd.DataFrame, agreement: pd.DataFrame | None
     return subjects, {"calibration": calibration, "combined": combination}
 
 
+def selection_column(score: str) -> str:
+    """The subjects column that ``selection.score`` names: the verdict score, or one method's DSC score."""
+    if score == VERDICT_SELECTION:
+        return "verdict_score"
+    if score not in METHODS:
+        raise ValueError(f"selection.score {score!r} is not one of {[VERDICT_SELECTION, *METHODS]}")
+    return METHODS[score]
+
+
 def build_selection(subjects: pd.DataFrame, use_pgt_when_all_fail: bool, fail_dsc: float,
-                    repair_sources: Sequence[str] = (), repair_mode: str = "fallback") -> pd.DataFrame:
-    """The best source per subject by its foreground verdict score (:func:`nnqc_pipe.qc.decisions.select_sources`;
-    the table's ``predicted_dsc`` is that score). The repair stage's ``repair_sources`` are fallbacks (considered
-    only where every user source fails, ``repair_mode`` ``fallback``) or ordinary candidates (``compete``)."""
+                    repair_sources: Sequence[str] = (), repair_mode: str = "fallback",
+                    score: str = VERDICT_SELECTION) -> pd.DataFrame:
+    """The best source per subject by its foreground ``score`` (:func:`selection_column`;
+    :func:`nnqc_pipe.qc.decisions.select_sources`; the table's ``predicted_dsc`` is that score). The repair stage's
+    ``repair_sources`` are fallbacks (considered only where every user source fails, ``repair_mode``
+    ``fallback``) or ordinary candidates (``compete``)."""
     if repair_mode not in REPAIR_MODES:
         raise ValueError(f"selection.repair_sources {repair_mode!r} is not one of {REPAIR_MODES}")
-    selection = select_sources(subjects.assign(**{f"{PREDICTED}_dsc": subjects["verdict_score"]}), FOREGROUND,
+    column = selection_column(score)
+    if column not in subjects or not subjects[column].notna().any():
+        raise ValueError(f"selection.score {score!r}: the report has no {column} values to select on")
+    selection = select_sources(subjects.assign(**{f"{PREDICTED}_dsc": subjects[column]}), FOREGROUND,
                                use_pgt_when_all_fail=use_pgt_when_all_fail, fail_dsc=fail_dsc,
                                fallback_sources=repair_sources if repair_mode == "fallback" else ())
     return typed(selection, SELECTION_SCHEMA)
@@ -407,6 +424,7 @@ def write_report(
     methods: Sequence[str] = OPINIONS,
     repair_sources: Sequence[str] = (),
     repair_mode: str = "fallback",
+    selection_score: str = VERDICT_SELECTION,
 ) -> dict[str, pd.DataFrame]:
     """Build the report tables from the scores files and write them to ``out_dir``.
 
@@ -422,7 +440,7 @@ def write_report(
     fingerprint) flags the candidates outside the training range (:func:`nnqc_pipe.qc.ood.ood_table`);
     ``verdict_score`` (:data:`VERDICT_SCORES`) is the score the verdicts and the selection act on;
     ``repair_sources`` (the repair stage's two sources) enter the selection as ``repair_mode`` says
-    (:func:`build_selection`). Returns the tables by name.
+    (:func:`build_selection`); ``selection_score`` is the score the selection ranks on. Returns the tables by name.
     """
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
     left_out = left_out_columns(methods)
@@ -445,7 +463,7 @@ def write_report(
     tables["summary"] = build_summary(tables["subjects"], thresholds.fail_dsc)
     tables["ranking"] = build_ranking(tables["subjects"], ranking_metric, ranking_label)
     tables["selection"] = build_selection(tables["subjects"], use_pgt_when_all_fail, thresholds.fail_dsc,
-                                          repair_sources, repair_mode)
+                                          repair_sources, repair_mode, selection_score)
     tables["review"] = review_slices(tables["slices"], tables["subjects"], review_slices_per_subject)
     tables["methods"] = build_methods(tables["subjects"], thresholds.fail_dsc)
     common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc, "verdict_thresholds": asdict(thresholds),
@@ -455,7 +473,8 @@ def write_report(
         "ranking": {"kendall_tau": tau, "ranking_metric": ranking_metric, "ranking_label": ranking_label},
         "selection": {"selection_summary": _json_safe(selection_summary(tables["subjects"], tables["selection"])),
                       "use_pgt_when_all_fail": use_pgt_when_all_fail,
-                      "repair_sources": list(repair_sources), "repair_mode": repair_mode},
+                      "repair_sources": list(repair_sources), "repair_mode": repair_mode,
+                      "selection_score": {"score": selection_score, "column": selection_column(selection_score)}},
         "methods": board_metadata(tables["methods"], tables["subjects"], thresholds.fail_dsc),
     }
     out = Path(out_dir)

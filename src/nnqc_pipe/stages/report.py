@@ -77,7 +77,8 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
                           ood_inputs=(inspect_records, read_json(fingerprint_json)),
                           verdict_score=settings["verdict_score"], methods=methods,
                           repair_sources=settings.get("repair_sources", []),
-                          repair_mode=settings["selection"]["repair_sources"])
+                          repair_mode=settings["selection"]["repair_sources"],
+                          selection_score=settings["selection"]["score"])
     regions = error_region_table(tables["subjects"], candidates, pgt, plan_.slicing_axis)
     if learned:
         regions = pd.concat([regions, error_region_table(tables["subjects"], candidates, learned, plan_.slicing_axis,
