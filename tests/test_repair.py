@@ -281,6 +281,7 @@ def test_selection_ranks_on_the_configured_score():
     with pytest.raises(ValueError, match="is not one of"):
         build_selection(subjects, False, 0.7, REPAIR, "compete", score="best")
 
+
 # ---------------------------------------------------------------------------------------------------
 # The workflow: the stage switched off defines no rule; switched on, a wrong combination stops the run
 # ---------------------------------------------------------------------------------------------------

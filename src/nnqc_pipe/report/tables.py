@@ -210,7 +210,7 @@ def subject_rows(scores: pd.DataFrame, ood: pd.DataFrame | None = None) -> pd.Da
 
 # selection.score: the verdict score (the default), else a method of the board (its METHODS column).
 VERDICT_SELECTION = "verdict"
-# report.verdict_score -> the column the verdicts, Tukey flags, qc_pass and the selection act on.
+# report.verdict_score -> the column the verdicts, Tukey flags, qc_pass (and, by default, the selection) act on.
 VERDICT_SCORES = {"nnqc": f"{PREDICTED}_dsc", "learned": LEARNED_DSC, "combined": COMBINED_COLUMN,
                   "calibrated": CALIBRATED_COLUMN}
 
@@ -438,9 +438,11 @@ def write_report(
     ``ranking_metric`` and ``ranking_label``; ``selection.parquet`` the real DSC of the selection against the best
     single source and an oracle (where ground truth exists). ``ood_inputs`` (ingestion records by subject, training
     fingerprint) flags the candidates outside the training range (:func:`nnqc_pipe.qc.ood.ood_table`);
-    ``verdict_score`` (:data:`VERDICT_SCORES`) is the score the verdicts and the selection act on;
+    ``verdict_score`` (:data:`VERDICT_SCORES`) is the score the verdicts act on (and the selection, unless
+    ``selection_score`` names another);
     ``repair_sources`` (the repair stage's two sources) enter the selection as ``repair_mode`` says
-    (:func:`build_selection`); ``selection_score`` is the score the selection ranks on. Returns the tables by name.
+    (:func:`build_selection`); ``selection_score`` (:func:`selection_column`) is the score the selection ranks on.
+    Returns the tables by name.
     """
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
     left_out = left_out_columns(methods)
