@@ -138,15 +138,16 @@ def test_saved_pgt_has_file_values_and_original_affine(subject: SimpleNamespace,
 def test_latent_search_counts_and_surrogate_on_the_original_grid(subject: SimpleNamespace, stub_sampler: dict
                                                                  ) -> None:
     """A surrogate equal to the candidate (a stub search: one-hot of the candidate patch) comes back on the original
-    grid as the candidate, so the per-slice counts give a latent-search DSC of 1 per slice and per volume."""
+    grid as the candidate, so the per-slice counts give a latent-search DSC of 1 per slice and per volume. The search
+    is handed the pGT (class indices on the patch grid) as the locator of its window."""
     from nnqc_pipe.qc.baselines import LATENT_PREFIX, reconstruction_dice
 
     candidate = subject.dir / "gt.nii.gz"
     nib.save(nib.Nifti1Image(np.array([0, *LABEL_VALUES], np.uint8)[_expected_pgt()], AFFINE), candidate)
     seen = {}
 
-    def probabilities(image: np.ndarray, patch: np.ndarray) -> np.ndarray:
-        seen.update(image=image, patch=patch)
+    def probabilities(image: np.ndarray, patch: np.ndarray, locator: np.ndarray) -> np.ndarray:
+        seen.update(image=image, patch=patch, locator=locator)
         return np.moveaxis(pp.one_hot(patch, 3), 0, 1)
 
     latent = SimpleNamespace(n_classes=3, probabilities=probabilities)
@@ -154,6 +155,8 @@ def test_latent_search_counts_and_surrogate_on_the_original_grid(subject: Simple
                            latent=latent)
     assert seen["image"] is subject.pre.image and seen["patch"].shape == (N_SLICES, *PATCH)
     np.testing.assert_array_equal(result.surrogate, _expected_pgt())
+    np.testing.assert_array_equal(pp.invert_probabilities(np.moveaxis(pp.one_hot(seen["locator"], 3), 0, 1),
+                                                          subject.pre.record), _expected_pgt())
     slices = result.slices
     assert {"latent_overlap_fg", "latent_total_fg", "latent_overlap_2"} <= set(slices.columns)
     np.testing.assert_array_equal(slices["latent_total_fg"], 2 * slices["latent_overlap_fg"])

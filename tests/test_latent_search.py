@@ -22,6 +22,7 @@ from nnqc_pipe.models.latent_search import (
     load_latent_search,
     mask_window,
     paste_window,
+    search_box,
     window_theta,
 )
 from nnqc_pipe.models.training import SliceSet
@@ -126,6 +127,41 @@ def test_the_window_follows_the_mask_and_pastes_back_in_place():
     np.testing.assert_array_equal(back, mask)
 
 
+def test_a_located_window_recovers_more_of_a_broken_mask(model, test_pairs):
+    """With ``window: pgt`` the window sits on the locator's box (here the true masks, as a good pGT would place
+    it), not on the broken candidate's: the erased half stays in view, the surrogate recovers more of each disk than
+    in the candidate's window, and the broken candidate scores lower against it."""
+    images, masks = test_pairs
+    broken = masks.copy()
+    broken[:, :, SIZE // 2:] = 0
+    own = latent_search(model, images, broken, SearchSettings(steps=30))
+    located = latent_search(model, images, broken, SearchSettings(steps=30, window="pgt"), locator=masks)
+    recovered = {name: np.mean([dice(s, m) for s, m in zip(result.surrogate, masks, strict=True)])
+                 for name, result in (("own", own), ("located", located))}
+    assert recovered["located"] >= recovered["own"] + 0.05
+    scores = {name: np.mean([dice(b, s) for b, s in zip(broken, result.surrogate, strict=True)])
+              for name, result in (("own", own), ("located", located))}
+    assert scores["located"] < scores["own"]
+
+
+def test_the_search_box_comes_from_the_locator_where_asked():
+    candidate = np.zeros((2, 40, 40), np.int64)
+    candidate[:, 2:8, 2:8] = 1
+    locator = np.zeros_like(candidate)
+    locator[:, 20:30, 24:34] = 1
+    model = JointVAE(2, 16, 8, (8, 16))
+    pgt = SearchSettings(window="pgt")
+    assert search_box(model, candidate, SearchSettings(), locator) == crop_box(candidate, model.margin, 16)
+    assert search_box(model, candidate, pgt, locator) == crop_box(locator, model.margin, 16)
+    assert search_box(model, candidate, pgt, np.zeros_like(locator)) == crop_box(candidate, model.margin, 16)
+    with pytest.raises(ValueError, match="needs the pseudo ground truth"):
+        search_box(model, candidate, pgt)
+    with pytest.raises(ValueError, match="differ in shape"):
+        search_box(model, candidate, pgt, locator[:1])
+    with pytest.raises(ValueError, match="is not one of"):
+        SearchSettings(window="image")
+
+
 def test_slices_are_searched_independently_of_their_batch(model, test_pairs):
     images, masks = test_pairs
     together = latent_search(model, images, masks, SearchSettings(steps=10, batch_size=64))
@@ -185,5 +221,6 @@ def test_training_stage_writes_the_model_and_resumes(tmp_path, caplog):
     search = load_latent_search(out / LATENT_VAE, "cpu")
     assert search.settings.steps == 10 and search.n_classes == 2  # the tiny preset's search, from the checkpoint
     images, masks = disks(3, seed=99)
-    assert search.probabilities(images, masks).shape == (3, 2, SIZE, SIZE)
+    assert search.settings.window == "pgt"  # placed by the pGT, which infer passes
+    assert search.probabilities(images, masks, locator=masks).shape == (3, 2, SIZE, SIZE)
     assert load_latent_search(out / LATENT_VAE, "cpu", {"steps": 2}).settings.steps == 2

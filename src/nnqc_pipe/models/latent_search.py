@@ -16,8 +16,12 @@ it closest to a test pair.
   ``w_image·MSE(image) + w_mask·CE(candidate) + w_prior·|z|²/2``; the decoded mask is the **surrogate
   segmentation**, the reference the candidate is scored against (``latent_search_dsc``). A good candidate lies on
   the manifold and comes back nearly unchanged; a broken one cannot be decoded, and the image term pulls the
-  surrogate towards the anatomy the image shows. The window is the candidate's own (a volume's candidate decides
-  where the search looks); the surrogate's probabilities are resampled back to the patch, background outside.
+  surrogate towards the anatomy the image shows. The search's window (:func:`search_box`) is placed by nnQC's
+  pseudo ground truth of the same candidate (``window: pgt``, the presets'), or by the candidate itself
+  (``window: candidate``); the surrogate's probabilities are resampled back to the patch, background outside.
+  Placed by the candidate, a mask with islands far from the organ stretched the window and a misplaced one moved it
+  onto the wrong anatomy, where the surrogate followed the mask (shared ACDC: all candidates r 0.78, MAE 0.14;
+  ``docs/method.md``).
 
 The loss of every slice depends on its own code only and Adam's update is element-wise, so the search of a slice
 does not depend on the other slices of its batch: slices are searched together, in batches, for speed only.
@@ -313,14 +317,22 @@ def train_latent_vae(train: SliceSet, val: SliceSet, cfg: dict[str, Any], out_di
     fit(trainer, cfg["latent_search"], run, out_dir, config_hash=run_hash)
 
 
+# Where the search's window sits (:class:`SearchSettings`): the candidate's foreground box, or a locator mask's.
+WINDOWS = ("candidate", "pgt")
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """The latent search (the preset's ``latent_search.search``): Adam ``steps`` at ``lr`` on
     ``image_weight``·MSE + ``mask_weight``·CE + ``prior_weight``·|z|²/2, ``batch_size`` slices at a time.
 
     The image weight 10 is the phantoms' (tests/test_latent_search.py: at 1 the mask term keeps half-erased disks
-    half-erased, at 10 the surrogate recovers most of the disk while true pairs stay put); not yet measured on a
-    cohort."""
+    half-erased, at 10 the surrogate recovers most of the disk while true pairs stay put); on shared ACDC 3 and 30
+    moved r by −0.015 / +0.004 (docs/method.md).
+
+    ``window`` places the search's window (:data:`WINDOWS`): on the ``candidate``'s own foreground box, or on the
+    box of a ``locator`` mask the caller gives (``pgt``: the pipeline passes nnQC's pseudo ground truth of the same
+    candidate), so that a misplaced or island-scattered candidate cannot move or stretch the window."""
 
     steps: int = 50
     lr: float = 0.05
@@ -328,6 +340,11 @@ class SearchSettings:
     mask_weight: float = 1.0
     prior_weight: float = 1e-3
     batch_size: int = 64
+    window: str = "candidate"
+
+    def __post_init__(self) -> None:
+        if self.window not in WINDOWS:
+            raise ValueError(f"latent_search.search.window {self.window!r} is not one of {WINDOWS}")
 
 
 @dataclass
@@ -351,29 +368,43 @@ def search_loss(model: JointVAE, z: torch.Tensor, image: torch.Tensor, candidate
     return settings.image_weight * mse + settings.mask_weight * ce + settings.prior_weight * 0.5 * z.pow(2).sum(1)
 
 
+def search_box(model: JointVAE, candidate: np.ndarray, settings: SearchSettings,
+               locator: np.ndarray | None = None) -> CropBox:
+    """The window of a volume's search (:func:`crop_box`): the ``locator``'s [S, H, W] with ``window`` ``pgt``, the
+    candidate's otherwise and where the locator is empty (nothing located: the candidate is all there is)."""
+    if settings.window == "pgt":
+        if locator is None:
+            raise ValueError("latent_search.search.window 'pgt' needs the pseudo ground truth as the locator")
+        if locator.shape != candidate.shape:
+            raise ValueError(f"locator {locator.shape} and candidate {candidate.shape} differ in shape")
+        if np.any(locator > 0):
+            return crop_box(locator, model.margin, model.grid)
+    return crop_box(candidate, model.margin, model.grid)
+
+
 def latent_search(model: JointVAE, image: np.ndarray, candidate: np.ndarray,
-                  settings: SearchSettings | None = None) -> SearchResult:
+                  settings: SearchSettings | None = None, locator: np.ndarray | None = None) -> SearchResult:
     """The surrogate of every slice of a volume's (``image`` [S, H, W], ``candidate`` [S, H, W] class indices):
-    gradient descent in the latent space from the encoder's mean of the pair in the candidate's window (see the
-    module docstring), batched over slices; the surrogate is mapped back to the patch."""
+    gradient descent in the latent space from the encoder's mean of the pair in the window :func:`search_box`
+    places (see the module docstring), batched over slices; the surrogate is mapped back to the patch."""
     settings = settings or SearchSettings()
+    box = search_box(model, candidate, settings, locator)
     device = next(model.parameters()).device
     model.eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # only the codes are searched: no gradients of the weights
         p.requires_grad_(False)
     try:
-        return _search(model, image, candidate, settings, device)
+        return _search(model, image, candidate, box, settings, device)
     finally:
         for p in trainable:
             p.requires_grad_(True)
 
 
-def _search(model: JointVAE, image: np.ndarray, candidate: np.ndarray, settings: SearchSettings,
+def _search(model: JointVAE, image: np.ndarray, candidate: np.ndarray, box: CropBox, settings: SearchSettings,
             device: torch.device) -> SearchResult:
-    """:func:`latent_search` with the weights frozen."""
+    """:func:`latent_search` with the weights frozen, in the window ``box``."""
     surrogate, probabilities, losses, codes = [], [], [], []
-    box = crop_box(candidate, model.margin, model.grid)
     patch_size = image.shape[1:]
     for start in range(0, len(image), settings.batch_size):
         stop = min(start + settings.batch_size, len(image))
@@ -416,10 +447,11 @@ class LatentSearch:
         """Classes of the masks, background included."""
         return self.model.n_classes
 
-    def probabilities(self, image: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    def probabilities(self, image: np.ndarray, candidate: np.ndarray, locator: np.ndarray | None = None
+                      ) -> np.ndarray:
         """[S, C, H, W] class probabilities of the surrogate of a preprocessed image and class-index candidate
-        stack."""
-        return latent_search(self.model, image, candidate, self.settings).probabilities
+        stack; ``locator`` (class indices, the same grid) places the window where the settings say so."""
+        return latent_search(self.model, image, candidate, self.settings, locator).probabilities
 
 
 def load_latent_search(path: str | os.PathLike, device: str = "auto", search: dict[str, Any] | None = None

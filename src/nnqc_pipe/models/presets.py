@@ -63,12 +63,13 @@ _COMMON: dict[str, Any] = {
     # each volume's mask (side: the foreground box's extent times ``margin``; jittered in training when
     # ``augment``; each of ``channels`` halves it; loss image MSE + mask CE + beta·KL; selected on the validation
     # slices' reconstruction Dice) and the search at inference (Adam ``steps`` at ``lr`` from the encoder's mean,
-    # ``batch_size`` slices at a time). Measured on shared ACDC and hippocampus in docs/method.md.
+    # ``batch_size`` slices at a time, in the window of nnQC's pGT of the candidate: ``window`` pgt, or candidate).
+    # Measured on shared ACDC and hippocampus in docs/method.md.
     "latent_search": {"grid": 64, "margin": 1.3, "augment": True, "channels": [16, 32, 64, 128], "latent_size": 64,
                       "beta": 1e-3, "lr": 1e-3, "batch_size": 32, "epochs": 600, "patience": 100, "max_minutes": 6,
                       "val_max_slices": 512,
                       "search": {"steps": 30, "lr": 0.05, "image_weight": 10.0, "mask_weight": 1.0,
-                                 "prior_weight": 1e-3, "batch_size": 64}},
+                                 "prior_weight": 1e-3, "batch_size": 64, "window": "pgt"}},
     "noise": {
         "n_train_timesteps": 1000,
         "schedule": "scaled_linear_beta",

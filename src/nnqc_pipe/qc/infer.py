@@ -102,7 +102,8 @@ def infer_subject(
         estimated = estimated_truth(probabilities, candidate_indices, record)
     surrogate = None
     if latent is not None:
-        surrogate = invert_probabilities(latent.probabilities(pre.image, candidate_patch), record)
+        surrogate = invert_probabilities(
+            latent.probabilities(pre.image, candidate_patch, result.probabilities.argmax(1)), record)
         counts.update(reconstruction_counts(candidate_indices, surrogate, axis, latent.n_classes, LATENT_PREFIX))
     slices = pd.DataFrame({
         "slice_index": original_index.astype(np.int64),
