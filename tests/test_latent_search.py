@@ -25,6 +25,7 @@ from nnqc_pipe.models.latent_search import (
     search_box,
     window_theta,
 )
+from nnqc_pipe.models.presets import search_settings
 from nnqc_pipe.models.training import SliceSet
 from nnqc_pipe.qc.baselines import LATENT_PREFIX, reconstruction_counts, reconstruction_dice
 from nnqc_pipe.stages.latent import train_latent_vae
@@ -160,6 +161,14 @@ def test_the_search_box_comes_from_the_locator_where_asked():
         search_box(model, candidate, pgt, locator[:1])
     with pytest.raises(ValueError, match="is not one of"):
         SearchSettings(window="image")
+
+
+def test_an_unknown_window_stops_the_workflow_at_start():
+    """``search_settings`` runs when the Snakefile is parsed: a typo fails there, naming the key, not in infer."""
+    assert all(search_settings({}, preset)["window"] == "pgt" for preset in ("cpu", "paper", "tiny"))
+    assert search_settings({"latent_search": {"search": {"window": "candidate"}}}, "cpu")["window"] == "candidate"
+    with pytest.raises(ValueError, match=r"model\.latent_search\.search\.window 'image' is not one of"):
+        search_settings({"latent_search": {"search": {"window": "image"}}}, "cpu")
 
 
 def test_slices_are_searched_independently_of_their_batch(model, test_pairs):

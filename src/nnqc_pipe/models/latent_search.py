@@ -49,7 +49,7 @@ from torch import nn
 from nnqc_pipe.dice import dice_from_counts
 from nnqc_pipe.models.autoencoder import kl_divergence, one_hot
 from nnqc_pipe.models.device import resolve_device, seed_everything
-from nnqc_pipe.models.presets import training_hash
+from nnqc_pipe.models.presets import SEARCH_WINDOWS, training_hash
 from nnqc_pipe.models.training import (
     SingleNetwork,
     SliceSet,
@@ -317,10 +317,6 @@ def train_latent_vae(train: SliceSet, val: SliceSet, cfg: dict[str, Any], out_di
     fit(trainer, cfg["latent_search"], run, out_dir, config_hash=run_hash)
 
 
-# Where the search's window sits (:class:`SearchSettings`): the candidate's foreground box, or a locator mask's.
-WINDOWS = ("candidate", "pgt")
-
-
 @dataclass(frozen=True)
 class SearchSettings:
     """The latent search (the preset's ``latent_search.search``): Adam ``steps`` at ``lr`` on
@@ -330,9 +326,9 @@ class SearchSettings:
     half-erased, at 10 the surrogate recovers most of the disk while true pairs stay put); on shared ACDC 3 and 30
     moved r by −0.015 / +0.004 (docs/method.md).
 
-    ``window`` places the search's window (:data:`WINDOWS`): on the ``candidate``'s own foreground box, or on the
-    box of a ``locator`` mask the caller gives (``pgt``: the pipeline passes nnQC's pseudo ground truth of the same
-    candidate), so that a misplaced or island-scattered candidate cannot move or stretch the window."""
+    ``window`` (one of ``presets.SEARCH_WINDOWS``) places the search's window: on the ``candidate``'s own foreground
+    box, or on the box of a ``locator`` mask the caller gives (``pgt``: the pipeline passes nnQC's pseudo ground
+    truth of the same candidate), so that a misplaced or island-scattered candidate cannot move or stretch it."""
 
     steps: int = 50
     lr: float = 0.05
@@ -343,8 +339,8 @@ class SearchSettings:
     window: str = "candidate"
 
     def __post_init__(self) -> None:
-        if self.window not in WINDOWS:
-            raise ValueError(f"latent_search.search.window {self.window!r} is not one of {WINDOWS}")
+        if self.window not in SEARCH_WINDOWS:
+            raise ValueError(f"latent_search.search.window {self.window!r} is not one of {SEARCH_WINDOWS}")
 
 
 @dataclass

@@ -25,6 +25,8 @@ SECTION_DEPENDENCIES = {"vae": ["vae"], "ldm": ["vae", "ldm", "experts", "encode
                         "segmenter": ["segmenter"], "qcnet": ["qcnet"], "latent_search": ["latent_search"]}
 # Inference-time settings inside a training section: never in a training hash or digest.
 SEARCH_KEY = "search"
+# Where the latent search's window sits (``latent_search.search.window``): nnQC's pGT's box or the candidate's.
+SEARCH_WINDOWS = ("pgt", "candidate")
 # Sections with a digest of their own (their rule's param): left out of the digest of the other training rules, so
 # that adding them did not retrain the models of existing results.
 OWN_DIGEST_SECTIONS = ("latent_search",)
@@ -329,8 +331,12 @@ def training_digest(preset_name: str, section: str | None = None) -> str:
 
 
 def search_settings(overrides: dict[str, Any], preset_name: str) -> dict[str, Any]:
-    """The latent search's settings (``latent_search.search``) of a preset with the config's ``model`` overrides."""
-    return dict(deep_merge(PRESETS[preset_name], overrides)["latent_search"][SEARCH_KEY])
+    """The latent search's settings (``latent_search.search``) of a preset with the config's ``model`` overrides;
+    an unknown ``window`` stops the workflow at start, naming the key."""
+    settings = dict(deep_merge(PRESETS[preset_name], overrides)["latent_search"][SEARCH_KEY])
+    if settings["window"] not in SEARCH_WINDOWS:
+        raise ValueError(f"model.latent_search.search.window {settings['window']!r} is not one of {SEARCH_WINDOWS}")
+    return settings
 
 
 def resolve_inference(inference: dict[str, Any], overrides: dict[str, Any], preset_name: str) -> dict[str, Any]:
