@@ -14,11 +14,15 @@ from nnqc_pipe.dice import dice
 from nnqc_pipe.models.candidates import make_candidates, seggen
 from nnqc_pipe.models.error_counts import count_terms, dsc_from_terms, error_groups
 from nnqc_pipe.models.qcnet import (
+    QCNET,
     CandidateSet,
     QCNetTrainer,
     balanced_draws,
     build_qcnet,
     error_targets,
+    load_candidate_set,
+    load_qcnet,
+    train_qcnet,
     volume_dsc,
 )
 from nnqc_pipe.models.segmenter import SegmenterTrainer, prediction_key
@@ -157,6 +161,36 @@ def test_qcnet_shapes_and_a_training_step_lowers_its_loss():
     scores = trainer.validate(12, final=True)
     assert set(scores) == {"val_qc", "val_mae", "val_r"} and 0 <= scores["val_qc"] <= 1
     assert trainer.predicted_dsc(data).shape == (3, 3)
+
+
+def test_qcnet_with_the_pgt_channel_reads_the_pgt_and_needs_it(tmp_path):
+    truth = _disc_stack(n_slices=4, radius=6)
+    candidates = np.stack([truth, _disc_stack(n_slices=4, radius=4), np.zeros_like(truth)])
+    np.savez(tmp_path / "s_pre.npz", image=truth.astype(np.float32), label=truth)
+    np.savez(tmp_path / "s_cand.npz", candidates=candidates, real_dsc=np.array([[1.0] * 3, [0.6, 0.5, 1.0], [0.0] * 3]))
+    np.savez(tmp_path / "s_pgt.npz", pgts=np.stack([truth] * 3))
+    patterns = (str(tmp_path / "{subject}_cand.npz"), str(tmp_path / "{subject}_pre.npz"))
+    plain = load_candidate_set(["s"], *patterns)
+    data = load_candidate_set(["s"], *patterns, str(tmp_path / "{subject}_pgt.npz"))
+    assert plain.pgts is None and len(data.pgts) == 3
+    cfg = {"channels": [8, 16], "res_units": 1, "lr": 3e-3, "volumes_per_epoch": 3, "volumes_per_step": 3,
+           "batch_size": 8, "loss_weights": {"bce": 1.0, "dice": 0.5, "dsc": 2.0}, "epochs": 1, "patience": 5,
+           "max_minutes": 1}
+    with pytest.raises(ValueError, match="pGT channel"):
+        QCNetTrainer(cfg, 3, torch.device("cpu"), pgt_channel=True).attach(plain, plain, seed=0)
+    train_qcnet(data, data, {"qcnet": cfg, "n_classes": 3, "patch_size": [24, 24]}, tmp_path / "models", "cpu", 0)
+    net = load_qcnet(tmp_path / "models" / QCNET, "cpu")
+    assert net.pgt_channel and net.net(torch.zeros(2, 7, 24, 24)).shape == (2, 6, 24, 24)
+    image = truth.astype(np.float32)
+    assert net.probabilities(image, truth, truth).shape == (4, 6, 24, 24)
+    with pytest.raises(ValueError, match="pGT channel"):
+        net.probabilities(image, truth)
+    # the pGT reaches the network: another pGT, other error maps
+    empty = np.zeros_like(truth)
+    assert not np.allclose(net.probabilities(image, truth, truth), net.probabilities(image, truth, empty))
+    np.savez(tmp_path / "s_pgt.npz", pgts=np.stack([truth] * 2))
+    with pytest.raises(ValueError, match="do not match"):
+        load_candidate_set(["s"], *patterns, str(tmp_path / "{subject}_pgt.npz"))
 
 
 def test_segmenter_predicts_its_held_out_subjects_at_the_checkpoints():

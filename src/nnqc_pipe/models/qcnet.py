@@ -50,17 +50,22 @@ def error_targets(candidate: torch.Tensor, label: torch.Tensor, n_classes: int) 
     return torch.stack(maps, dim=1).float()
 
 
-def build_qcnet(n_classes: int, channels: Sequence[int], res_units: int) -> UNet:
-    """Image (1 channel) + one-hot candidate (``n_classes``) in, two error logits per group out."""
-    return UNet(spatial_dims=2, in_channels=1 + n_classes, out_channels=2 * len(error_groups(n_classes)),
+def build_qcnet(n_classes: int, channels: Sequence[int], res_units: int, pgt_channel: bool = False) -> UNet:
+    """Image (1 channel) + one-hot candidate (``n_classes``) in, plus the one-hot pGT (``n_classes``) with
+    ``pgt_channel`` (measured in benchmarks/learned_pgt_channel.py), two error logits per group out."""
+    in_channels = 1 + n_classes * (2 if pgt_channel else 1)
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=2 * len(error_groups(n_classes)),
                 channels=tuple(channels), strides=(2,) * (len(channels) - 1), num_res_units=res_units,
                 norm="instance")
 
 
-def network_input(image: torch.Tensor, candidate: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """[B, 1 + C, H, W]: the normalised image slice and the one-hot candidate."""
-    one_hot = F.one_hot(candidate.long(), n_classes).permute(0, 3, 1, 2).float()
-    return torch.cat([image[:, None].float(), one_hot], dim=1)
+def network_input(image: torch.Tensor, candidate: torch.Tensor, n_classes: int, pgt: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """[B, 1 + C, H, W]: the normalised image slice and the one-hot candidate; [B, 1 + 2C, H, W] with the one-hot
+    ``pgt`` (class indices) after them."""
+    masks = [candidate] if pgt is None else [candidate, pgt]
+    one_hot = [F.one_hot(m.long(), n_classes).permute(0, 3, 1, 2).float() for m in masks]
+    return torch.cat([image[:, None].float(), *one_hot], dim=1)
 
 
 def volume_dsc(probs: torch.Tensor, candidate: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -86,7 +91,8 @@ def balanced_draws(dsc: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
 @dataclass
 class CandidateSet:
     """Training candidates of a list of subjects: per subject its image and label stacks, and per candidate its
-    subject, class-index stack and real DSC per error group (original grid)."""
+    subject, class-index stack and real DSC per error group (original grid); ``pgts``, where given, each
+    candidate's pGT (class indices, patch grid) for a network with the pGT channel."""
 
     images: list[np.ndarray]
     labels: list[np.ndarray]
@@ -94,14 +100,18 @@ class CandidateSet:
     candidates: list[np.ndarray]
     real_dsc: np.ndarray
     names: list[str]
+    pgts: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.candidates)
 
 
-def load_candidate_set(subjects: Sequence[str], candidate_npz: str, preprocessed_npz: str) -> CandidateSet:
-    """Read the candidates (``learned/candidates/{subject}.npz``) and preprocessed stacks of ``subjects``."""
+def load_candidate_set(subjects: Sequence[str], candidate_npz: str, preprocessed_npz: str,
+                       pgt_npz: str | None = None) -> CandidateSet:
+    """Read the candidates (``learned/candidates/{subject}.npz``) and preprocessed stacks of ``subjects``, and with
+    ``pgt_npz`` (a pattern with {subject}; key ``pgts``, one stack per candidate, in order) their pGTs."""
     images, labels, owner, candidates, real = [], [], [], [], []
+    pgts: list[np.ndarray] | None = [] if pgt_npz else None
     for i, subject in enumerate(subjects):
         with np.load(fill(preprocessed_npz, subject=subject)) as pre:
             images.append(np.asarray(pre["image"], dtype=np.float16))
@@ -111,9 +121,15 @@ def load_candidate_set(subjects: Sequence[str], candidate_npz: str, preprocessed
             candidates += list(stack)
             real.append(np.asarray(data["real_dsc"], dtype=np.float32))
             owner += [i] * len(stack)
+        if pgts is not None and pgt_npz is not None:
+            with np.load(fill(pgt_npz, subject=subject)) as data:
+                own = np.asarray(data["pgts"], dtype=np.uint8)
+            if own.shape != stack.shape:
+                raise ValueError(f"subject {subject!r}: pGTs {own.shape} do not match its candidates {stack.shape}")
+            pgts += list(own)
     return CandidateSet(images=images, labels=labels, subject=np.asarray(owner, dtype=np.int64),
                         candidates=candidates, real_dsc=np.concatenate(real) if real else np.zeros((0, 1)),
-                        names=list(subjects))
+                        names=list(subjects), pgts=pgts)
 
 
 class QCNetTrainer(SingleNetwork):
@@ -122,9 +138,9 @@ class QCNetTrainer(SingleNetwork):
     kind = "qcnet"
     selection_key = "val_qc"
 
-    def __init__(self, cfg: dict[str, Any], n_classes: int, device: torch.device) -> None:
-        self.cfg, self.n_classes, self.device = cfg, n_classes, device
-        self.net = build_qcnet(n_classes, cfg["channels"], cfg["res_units"]).to(device)
+    def __init__(self, cfg: dict[str, Any], n_classes: int, device: torch.device, pgt_channel: bool = False) -> None:
+        self.cfg, self.n_classes, self.device, self.pgt_channel = cfg, n_classes, device, pgt_channel
+        self.net = build_qcnet(n_classes, cfg["channels"], cfg["res_units"], pgt_channel).to(device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
         self.dice = DiceLoss(sigmoid=True, batch=True)
         self.weights = cfg["loss_weights"]
@@ -133,17 +149,25 @@ class QCNetTrainer(SingleNetwork):
         self.seed, self.n_slices = 0, 0
 
     def attach(self, train: CandidateSet, val: CandidateSet, seed: int) -> None:
-        """Training and validation candidates, and the run's seed."""
+        """Training and validation candidates (with their pGTs for a network with the pGT channel), and the
+        run's seed."""
+        if self.pgt_channel and (train.pgts is None or val.pgts is None):
+            raise ValueError("a QC network with the pGT channel needs every candidate's pGT (load_candidate_set's "
+                             "pgt_npz)")
         self.train_set, self.val_set, self.seed = train, val, seed
         mean_slices = np.mean([len(c) for c in train.candidates]) if len(train) else 0
         self.n_slices = int(self.cfg["volumes_per_epoch"] * mean_slices)
 
     def _volume(self, data: CandidateSet, index: int, gain: float = 1.0, offset: float = 0.0
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Image, candidate, label and (with the pGT channel) pGT stacks of one candidate, on the device."""
         owner = int(data.subject[index])
         image = torch.as_tensor(data.images[owner], dtype=torch.float32) * gain + offset
+        pgt = None
+        if self.pgt_channel and data.pgts is not None:
+            pgt = torch.as_tensor(data.pgts[index]).long().to(self.device)
         return (image.to(self.device), torch.as_tensor(data.candidates[index]).long().to(self.device),
-                torch.as_tensor(data.labels[owner]).long().to(self.device))
+                torch.as_tensor(data.labels[owner]).long().to(self.device), pgt)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """``volumes_per_epoch`` balanced draws, ``volumes_per_step`` whole candidate volumes per step."""
@@ -168,11 +192,12 @@ class QCNetTrainer(SingleNetwork):
         image = torch.cat([v[0] for v in volumes])
         candidate = torch.cat([v[1] for v in volumes])
         label = torch.cat([v[2] for v in volumes])
-        logits = self.net(network_input(image, candidate, self.n_classes))
+        pgt = torch.cat([v[3] for v in volumes]) if self.pgt_channel else None
+        logits = self.net(network_input(image, candidate, self.n_classes, pgt))
         target = error_targets(candidate, label, self.n_classes)
         probs = torch.sigmoid(logits)
         start, dsc_errors = 0, []
-        for (_, cand, _), i in zip(volumes, indices, strict=True):
+        for (_, cand, _, _), i in zip(volumes, indices, strict=True):
             stop = start + len(cand)
             predicted = volume_dsc(probs[start:stop], cand, self.n_classes)
             real = torch.as_tensor(self.train_set.real_dsc[int(i)], device=self.device)
@@ -192,8 +217,8 @@ class QCNetTrainer(SingleNetwork):
         self.net.eval()
         out = []
         for i in range(len(data)):
-            image, cand, _ = self._volume(data, i)
-            probs = error_probabilities(self.net, image, cand, self.n_classes, self.cfg["batch_size"])
+            image, cand, _, pgt = self._volume(data, i)
+            probs = error_probabilities(self.net, image, cand, self.n_classes, self.cfg["batch_size"], pgt)
             out.append(volume_dsc(probs, cand, self.n_classes).cpu().numpy())
         return np.asarray(out, dtype=np.float64).reshape(len(data), -1)
 
@@ -209,18 +234,21 @@ class QCNetTrainer(SingleNetwork):
 
     def state(self, **extra: Any) -> dict[str, Any]:
         """The full training state plus run bookkeeping in ``extra``."""
-        return {"kind": "qcnet", "n_classes": self.n_classes, "net": {"channels": list(self.cfg["channels"]),
-                                                                        "res_units": self.cfg["res_units"]},
+        return {"kind": "qcnet", "n_classes": self.n_classes,
+                "net": {"channels": list(self.cfg["channels"]), "res_units": self.cfg["res_units"],
+                        "pgt_channel": self.pgt_channel},
                 "model": self.net.state_dict(), "opt": self.opt.state_dict(), **extra}
 
 
 def error_probabilities(net: torch.nn.Module, image: torch.Tensor, candidate: torch.Tensor, n_classes: int,
-                        batch_size: int) -> torch.Tensor:
-    """[S, 2G, H, W] error probabilities of a candidate stack, in batches of slices."""
+                        batch_size: int, pgt: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, 2G, H, W] error probabilities of a candidate stack (and its pGT, for a network with the pGT channel),
+    in batches of slices."""
     out = []
     for start in range(0, len(candidate), batch_size):
         part = slice(start, start + batch_size)
-        out.append(torch.sigmoid(net(network_input(image[part], candidate[part], n_classes))))
+        extra = None if pgt is None else pgt[part]
+        out.append(torch.sigmoid(net(network_input(image[part], candidate[part], n_classes, extra))))
     return torch.cat(out)
 
 
@@ -229,10 +257,12 @@ def train_qcnet(train: CandidateSet, val: CandidateSet, cfg: dict[str, Any], out
     """Train (or resume) the QC network (``cfg``: the resolved preset) and write ``qcnet.pt``."""
     dev = resolve_device(device)
     seed_everything(seed)
-    trainer = QCNetTrainer(cfg["qcnet"], cfg["n_classes"], dev)
+    trainer = QCNetTrainer(cfg["qcnet"], cfg["n_classes"], dev, pgt_channel=train.pgts is not None)
     trainer.attach(train, val, seed)
-    run_hash = training_hash(cfg, "qcnet", {"train": train.names, "val": val.names, "seed": seed,
-                                            "n_train": len(train), "n_val": len(val)})
+    identity = {"train": train.names, "val": val.names, "seed": seed, "n_train": len(train), "n_val": len(val)}
+    if trainer.pgt_channel:
+        identity["pgt_channel"] = True
+    run_hash = training_hash(cfg, "qcnet", identity)
     run = resume_run(trainer, Path(out_dir) / "qcnet_state.pt", run_hash)
     log.info("qcnet: %d training candidates of %d subjects, %d validation candidates of %d subjects, device %s",
              len(train), len(train.names), len(val), len(val.names), dev)
@@ -247,6 +277,7 @@ class QCNet:
     n_classes: int
     batch_size: int
     device: torch.device
+    pgt_channel: bool = False
 
     @property
     def groups(self) -> list[tuple[str, int | None]]:
@@ -254,11 +285,15 @@ class QCNet:
         return error_groups(self.n_classes)
 
     @torch.inference_mode()
-    def probabilities(self, image: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-        """[S, 2G, H, W] float32 error probabilities of a preprocessed image and class-index candidate stack."""
+    def probabilities(self, image: np.ndarray, candidate: np.ndarray, pgt: np.ndarray | None = None) -> np.ndarray:
+        """[S, 2G, H, W] float32 error probabilities of a preprocessed image and class-index candidate stack;
+        a network with the pGT channel needs the candidate's ``pgt`` (class indices, the same grid)."""
+        if self.pgt_channel and pgt is None:
+            raise ValueError("this QC network was trained with the pGT channel: pass the candidate's pGT")
+        extra = None if not self.pgt_channel else torch.as_tensor(pgt, device=self.device).long()
         probs = error_probabilities(self.net, torch.as_tensor(image, dtype=torch.float32, device=self.device),
                                     torch.as_tensor(candidate, device=self.device).long(), self.n_classes,
-                                    self.batch_size)
+                                    self.batch_size, extra)
         return probs.float().cpu().numpy()
 
 
@@ -266,6 +301,8 @@ def load_qcnet(path: str | os.PathLike, device: str = "auto", batch_size: int = 
     """The best weights of a trained ``qcnet.pt`` on ``device``."""
     state = read_checkpoint(path)
     dev = resolve_device(device)
-    net = build_qcnet(state["n_classes"], state["net"]["channels"], state["net"]["res_units"])
+    pgt_channel = bool(state["net"].get("pgt_channel", False))
+    net = build_qcnet(state["n_classes"], state["net"]["channels"], state["net"]["res_units"], pgt_channel)
     net.load_state_dict(state["best_model"])
-    return QCNet(net=net.to(dev).eval(), n_classes=int(state["n_classes"]), batch_size=batch_size, device=dev)
+    return QCNet(net=net.to(dev).eval(), n_classes=int(state["n_classes"]), batch_size=batch_size, device=dev,
+                 pgt_channel=pgt_channel)

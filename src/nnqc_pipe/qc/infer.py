@@ -97,7 +97,7 @@ def infer_subject(
         counts = reconstruction_counts(candidate_indices, recon, axis, models.n_classes)
     estimated = None
     if learned is not None:
-        probabilities = learned.probabilities(pre.image, candidate_patch)
+        probabilities = learned.probabilities(pre.image, candidate_patch, result.probabilities.argmax(1))
         counts.update(learned_slice_counts(probabilities, candidate_patch, record))
         estimated = estimated_truth(probabilities, candidate_indices, record)
     surrogate = None
