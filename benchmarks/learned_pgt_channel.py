@@ -5,6 +5,9 @@ also sees the one-hot pGT nnQC generates for the same candidate (:func:`nnqc_pip
 ``pgt_channel``), trained on the same candidates, with the same settings and seed, as the run's own network, which
 is the control (its training is deterministic: docs/method.md, "Each candidate kind left out").
 
+``--seeds`` retrains both networks with other seeds (the control too), so that the difference can be read against
+the spread of one network's retrainings.
+
 The catch the issue names: the pGTs of the QC network's training candidates come from an LDM that trained on those
 very subjects, so they are more accurate than any pGT it will see at test time. This script measures that optimism
 first (nnQC's DSC error on the training candidates against the test candidates', same grid) and then trains with
@@ -13,11 +16,12 @@ handle it, at k times the LDM's training time).
 
 Reads an existing real-segmenter benchmark run (``benchmarks/real_segmenters.py``: its config, split, models,
 preprocessed stacks, learned candidates, degraded candidates and the report's real DSC); writes only under
-``--work``: ``pgt/{subject}.npz`` (the training candidates' pGTs, patch grid), ``models/qcnet.pt`` and
-``candidates.csv`` (every test candidate's learned DSC from both networks, and the real DSC). A rerun reuses what
+``--work``: ``pgt/{subject}.npz`` (the training candidates' pGTs, patch grid), ``models/<variant>_seed<N>/qcnet.pt``
+and ``candidates.csv`` (every test candidate's learned DSC from every network, and the real DSC). A rerun reuses what
 exists. The figures (foreground, the test subjects' ``gt``, ``degraded_L1..5`` and user sources):
 
-    python benchmarks/learned_pgt_channel.py --run results/bench_real/hippocampus --work results/pgt_channel
+    python benchmarks/learned_pgt_channel.py --run results/bench_real/hippocampus --work results/pgt_channel \
+        --seeds 0 1
 """
 
 from __future__ import annotations
@@ -109,18 +113,35 @@ def learned_dsc(net: QCNet, image: np.ndarray, candidate: np.ndarray, pgt: np.nd
     return float(volume_dsc(probs, torch.as_tensor(candidate).long(), net.n_classes)[0])
 
 
-def score_test(models: PGTModels, control: QCNet, channel: QCNet, run: Path, config: dict[str, Any],
+def score_test(models: PGTModels, networks: dict[str, QCNet], run: Path, config: dict[str, Any],
                subjects: list[str], inference: dict[str, Any], seed: int) -> pd.DataFrame:
-    """Both networks' learned DSC and nnQC's pGT DSC of every test candidate (:func:`test_candidates`)."""
+    """Every network's learned DSC and nnQC's pGT DSC of every test candidate (:func:`test_candidates`)."""
     rows = []
     for subject, source, path in test_candidates(config, run, subjects):
         pre = load_preprocessed(run / "preprocessed" / f"{subject}.npz")
         candidate = to_patch_space(load_candidate(path, pre.record), pre.record)
         pgt = candidate_pgt(models, run, subject, candidate, inference, seed)
         rows.append({"subject": subject, "source": source, "nnqc_patch": dice(candidate > 0, pgt > 0),
-                     "control": learned_dsc(control, pre.image, candidate, None),
-                     "pgt_channel": learned_dsc(channel, pre.image, candidate, pgt)})
+                     **{name: learned_dsc(net, pre.image, candidate, pgt if net.pgt_channel else None)
+                        for name, net in networks.items()}})
     return pd.DataFrame(rows)
+
+
+def network_path(run: Path, work: Path, variant: str, seed: int, run_seed: int) -> Path:
+    """Where a network of ``variant`` (``control`` or ``pgt_channel``) trained with ``seed`` lies: the run's own
+    network is the control at the run's seed."""
+    if variant == "control" and seed == run_seed:
+        return run / "models" / "qcnet.pt"
+    return work / "models" / f"{variant}_seed{seed}" / "qcnet.pt"
+
+
+def train_network(run: Path, work: Path, roles: dict[str, list[str]], cfg: dict[str, Any], variant: str, seed: int,
+                  out: Path, device: str) -> None:
+    """Train one QC network on the run's learned candidates (with their pGTs for ``pgt_channel``)."""
+    pgt_npz = str(work / "pgt" / "{subject}.npz") if variant == "pgt_channel" else None
+    sets = [load_candidate_set(roles[r], str(run / "learned" / "candidates" / "{subject}.npz"),
+                               str(run / "preprocessed" / "{subject}.npz"), pgt_npz) for r in ("train", "val")]
+    train_qcnet(*sets, cfg, out.parent, device, seed)
 
 
 def summary(table: pd.DataFrame, predictors: list[str]) -> pd.DataFrame:
@@ -152,6 +173,7 @@ def main() -> int:
     parser.add_argument("--run", type=Path, required=True, help="a real-segmenter benchmark run (<results>/<cohort>)")
     parser.add_argument("--work", type=Path, required=True, help="folder for this script's outputs")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the run's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run, work = args.run.resolve(), args.work.resolve()
@@ -169,17 +191,16 @@ def main() -> int:
     started = time.time()
     train_rows = pd.DataFrame(training_pgts(models, run, roles["train"] + roles["val"], inference, seed, work))
     log.info("training pGTs: %.0f s", time.time() - started)
-    channel_path = work / "models" / "qcnet.pt"
-    if not channel_path.is_file():
-        sets = [load_candidate_set(roles[r], str(run / "learned" / "candidates" / "{subject}.npz"),
-                                   str(run / "preprocessed" / "{subject}.npz"), str(work / "pgt" / "{subject}.npz"))
-                for r in ("train", "val")]
-        train_qcnet(*sets, cfg, work / "models", args.device, seed)
-    control = load_qcnet(run / "models" / "qcnet.pt", args.device)
-    channel = load_qcnet(channel_path, args.device)
+    networks = {}
+    for training_seed in args.seeds or [seed]:
+        for variant in ("control", "pgt_channel"):
+            path = network_path(run, work, variant, training_seed, seed)
+            if not path.is_file():
+                train_network(run, work, roles, cfg, variant, training_seed, path, args.device)
+            networks[f"{variant}_seed{training_seed}"] = load_qcnet(path, args.device)
     report = pd.read_parquet(run / "report" / "subjects.parquet")
     real = report[report.label == FOREGROUND].set_index(["subject", "source"]).real_dsc
-    table = score_test(models, control, channel, run, config, roles["test"], inference, seed)
+    table = score_test(models, networks, run, config, roles["test"], inference, seed)
     table["real"] = [real[(s, src)] for s, src in zip(table.subject, table.source, strict=True)]
     table["nnqc"] = [report.loc[(report.label == FOREGROUND) & (report.subject == s) & (report.source == src),
                                 "predicted_dsc"].iloc[0] for s, src in zip(table.subject, table.source, strict=True)]
@@ -192,10 +213,16 @@ def main() -> int:
           f"{train_rows.loc[train_rows.kind == 'gt', 'nnqc'].mean():.3f}")
     print(f"  test candidates:     MAE {test_error.mean():.3f}, gt scored "
           f"{table.loc[table.source == 'gt', 'nnqc_patch'].mean():.3f}")
-    print("\nlearned DSC without (control: the run's own network) and with the pGT channel, and nnQC:")
-    print(summary(table, ["control", "pgt_channel", "nnqc"]).round(3).to_string())
+    board = summary(table, [*networks, "nnqc"])
+    print(f"\nlearned DSC without (control; seed {seed}: the run's own network) and with the pGT channel, and nnQC:")
+    print(board.round(3).to_string())
+    if len(args.seeds or []) > 1:
+        variant = board.index.str.replace(r"_seed\d+$", "", regex=True)
+        print("\nper variant over the seeds: mean (standard deviation)")
+        spread = board.groupby(variant).agg(["mean", "std"])
+        print(spread.round(3).to_string())
     print("\nmean per source:")
-    print(table.groupby("source")[["real", "control", "pgt_channel", "nnqc"]].mean().round(3).to_string())
+    print(table.groupby("source")[["real", *networks, "nnqc"]].mean().round(3).to_string())
     return 0
 
 
