@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -10,20 +9,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import load_benchmark
 
 from nnqc_pipe.data.io import write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_accuracy():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "benchmarks" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-acc = load_accuracy()
+acc = load_benchmark("accuracy")
 
 
 def summary_rows() -> pd.DataFrame:

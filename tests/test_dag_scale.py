@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_dag_scale", REPO / "benchmarks" / "dag_scale.py")
-dag_scale = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dag_scale)
+dag_scale = load_benchmark("dag_scale")
 
 STATS = """Job stats:
 job                   count

@@ -3,30 +3,18 @@ snakemake run)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_benchmark
 
 from nnqc_pipe.data.io import write_parquet
 from nnqc_pipe.report.methods import build_methods
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_real_segmenters", REPO / "benchmarks" / "real_segmenters.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-rs = load_benchmark()
+rs = load_benchmark("real_segmenters")
 
 # source -> (real DSC of subject i, offset of nnQC's prediction from it); the offsets never reorder two sources
 SOURCES = {

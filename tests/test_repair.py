@@ -3,9 +3,6 @@ the selection with the cohort segmenter's sources, and the stage switched off (n
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel as nib
@@ -13,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import load_benchmark
 from test_infer import AFFINE, INFERENCE, N_SLICES, PLAN, SHAPE, _patch_pgt
 from test_workflow import base_config, run_snakemake
 
@@ -36,7 +34,6 @@ from nnqc_pipe.qc.repair import (
 from nnqc_pipe.report.tables import SELECTION_SCHEMA, build_selection
 
 REPAIR_RULES = {"train_repair_segmenter", "repair"}
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,16 +314,8 @@ def test_selection_score_needs_its_method(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_repair", REPO / "benchmarks" / "repair.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_figures():
-    bench = load_benchmark()
+    bench = load_benchmark("repair")
     subjects = selection_subjects()
     selection = build_selection(subjects, False, 0.7, REPAIR, "fallback")
     rounds = pd.DataFrame({"round": [0, 0, 0, 0, 1, 1], "subject": ["s1", "s2", "s3", "s4", "s2", "s3"],
