@@ -1,15 +1,21 @@
 """Helpers shared by the speed benchmarks (train_speed.py, inference_speed.py, device_check.py): synthetic
-slices, the E2 embedding sizes, and timing that waits for the GPU."""
+slices, the E2 embedding sizes, and timing that waits for the GPU; and by the offline scripts over a real-segmenter
+run (learned_pgt_channel.py, latent_search_offline.py): the test candidates' mask files."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from nnqc_pipe.chunks import fill
+
 CPU = torch.device("cpu")
+DEGRADED_LEVELS = range(1, 6)
 
 # E2 cache shapes: pooled projection, token width, tokens (4 x 4 grid = encoder.token_grid).
 E2_SIZES = {
@@ -51,3 +57,15 @@ def timed(step: Callable[[], object], iters: int, device: torch.device = CPU,
         done += 1
     sync(device)
     return (time.perf_counter() - started) / done
+
+
+def candidate_paths(config: dict[str, Any], run: Path, subject: str) -> dict[str, str]:
+    """Source -> mask path of one test subject of a real-segmenter run (``config``: the run's cohort config):
+    ``gt``, the degradation levels and the user sources, those whose file exists (the repair stage's masks are
+    not listed: they depend on models trained after the run's QC models)."""
+    patterns = {"gt": config["labels"],
+                **{f"degraded_L{level}": str(run / "degraded" / "{subject}" / f"L{level}.nii.gz")
+                   for level in DEGRADED_LEVELS},
+                **config.get("sources", {})}
+    paths = {source: fill(pattern, subject=subject) for source, pattern in patterns.items()}
+    return {source: path for source, path in paths.items() if Path(path).is_file()}

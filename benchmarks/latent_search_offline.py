@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from nnqc_pipe.chunks import fill
 from nnqc_pipe.data.preprocess import (
     invert_probabilities,
     load_candidate,
@@ -32,22 +32,15 @@ from nnqc_pipe.data.preprocess import (
     values_to_indices,
 )
 from nnqc_pipe.data.split import read_split
+from nnqc_pipe.dice import dice
 from nnqc_pipe.models.latent_search import LatentSearch, load_latent_search
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import candidate_paths  # noqa: E402
 
 log = logging.getLogger("latent_search_offline")
 
 FOREGROUND = "foreground"
-DEGRADED_LEVELS = range(1, 6)
-
-
-def candidates(config: dict, run: Path, subject: str) -> dict[str, str]:
-    """Source -> mask path of one test subject: ``gt``, the degradation levels and the user sources that exist."""
-    patterns = {"gt": config["labels"],
-                **{f"degraded_L{level}": str(run / "degraded" / "{subject}" / f"L{level}.nii.gz")
-                   for level in DEGRADED_LEVELS},
-                **config.get("sources", {})}
-    paths = {source: fill(pattern, subject=subject) for source, pattern in patterns.items()}
-    return {source: path for source, path in paths.items() if Path(path).is_file()}
 
 
 def search_dsc(search: LatentSearch, run: Path, subject: str, source: str, path: str) -> float:
@@ -57,9 +50,7 @@ def search_dsc(search: LatentSearch, run: Path, subject: str, source: str, path:
     values = load_candidate(path, record)
     pgt = to_patch_space(load_candidate(run / "pgt" / source / f"{subject}.nii.gz", record, "pGT"), record)
     surrogate = invert_probabilities(search.probabilities(pre.image, to_patch_space(values, record), pgt), record) > 0
-    candidate = values_to_indices(values, record["label_values"]) > 0
-    total = int(candidate.sum() + surrogate.sum())
-    return 2 * int((candidate & surrogate).sum()) / total if total else 1.0
+    return dice(values_to_indices(values, record["label_values"]) > 0, surrogate)
 
 
 def figures(table: pd.DataFrame, column: str) -> str:
@@ -95,7 +86,7 @@ def main() -> int:
     report = report[report.label == FOREGROUND].set_index(["subject", "source"])
     rows = []
     for subject in read_split(run / "split.tsv")["test"][: args.subjects]:
-        for source, path in candidates(config, run, subject).items():
+        for source, path in candidate_paths(config, run, subject).items():
             rows.append({"subject": subject, "source": source, "real": report.real_dsc[(subject, source)],
                          "pipeline": report.get("latent_search_dsc", pd.Series(dtype=float)).get((subject, source)),
                          "offline": search_dsc(search, run, subject, source, path)})

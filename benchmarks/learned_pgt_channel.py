@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,22 +39,24 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from nnqc_pipe.chunks import fill
 from nnqc_pipe.data.io import write_npz
 from nnqc_pipe.data.plan import read_plan
 from nnqc_pipe.data.preprocess import load_candidate, load_preprocessed, to_patch_space
 from nnqc_pipe.data.split import read_split
+from nnqc_pipe.dice import dice
 from nnqc_pipe.models.embed import load_embeddings
 from nnqc_pipe.models.pgt import PGTModels, generate_pgt, load_models
 from nnqc_pipe.models.presets import model_settings, resolve
 from nnqc_pipe.models.qcnet import QCNet, load_candidate_set, load_qcnet, train_qcnet, volume_dsc
 from nnqc_pipe.stages.infer import subject_seed
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import candidate_paths  # noqa: E402
+
 log = logging.getLogger("learned_pgt_channel")
 
 FOREGROUND = "foreground"
 FAIL_DSC = 0.7
-DEGRADED_LEVELS = range(1, 6)
 
 
 def candidate_pgt(models: PGTModels, run: Path, subject: str, candidate: np.ndarray, inference: dict[str, Any],
@@ -90,21 +93,9 @@ def training_pgts(models: PGTModels, run: Path, subjects: list[str], inference: 
     return rows
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean arrays (1 when both are empty)."""
-    total = int(a.sum() + b.sum())
-    return 2 * int((a & b).sum()) / total if total else 1.0
-
-
 def test_candidates(config: dict[str, Any], run: Path, subjects: list[str]) -> list[tuple[str, str, str]]:
-    """(subject, source, mask path) of every test candidate scored here: ``gt``, the degraded levels and the user
-    sources (the repair stage's masks are left out: they depend on a segmenter trained after the QC network)."""
-    patterns = {"gt": config["labels"],
-                **{f"degraded_L{level}": str(run / "degraded" / "{subject}" / f"L{level}.nii.gz")
-                   for level in DEGRADED_LEVELS},
-                **config.get("sources", {})}
-    return [(s, source, fill(pattern, subject=s)) for s in subjects for source, pattern in patterns.items()
-            if Path(fill(pattern, subject=s)).is_file()]
+    """(subject, source, mask path) of every test candidate scored here (:func:`bench_utils.candidate_paths`)."""
+    return [(s, source, path) for s in subjects for source, path in candidate_paths(config, run, s).items()]
 
 
 def learned_dsc(net: QCNet, image: np.ndarray, candidate: np.ndarray, pgt: np.ndarray | None) -> float:

@@ -19,7 +19,7 @@ def test_candidates_lists_the_masks_that_exist(bench, tmp_path):
     (tmp_path / "gt_s1.nii.gz").touch()
     config = {"labels": str(tmp_path / "gt_{subject}.nii.gz"),
               "sources": {"unet": str(tmp_path / "u_{subject}.nii.gz")}}
-    assert list(bench.candidates(config, run, "s1")) == ["gt", "degraded_L5"]
+    assert list(bench.candidate_paths(config, run, "s1")) == ["gt", "degraded_L5"]
 
 
 def test_figures_on_a_table_with_known_answers(bench):
