@@ -1,6 +1,6 @@
 """Helpers shared by the speed benchmarks (train_speed.py, inference_speed.py, device_check.py): synthetic
 slices, the E2 embedding sizes, and timing that waits for the GPU; and by the offline scripts over a real-segmenter
-run (learned_pgt_channel.py, latent_search_offline.py): the test candidates' mask files."""
+run (learned_variants.py, latent_search_offline.py): the test candidates' mask files."""
 
 from __future__ import annotations
 

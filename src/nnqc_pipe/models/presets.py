@@ -27,6 +27,8 @@ SECTION_DEPENDENCIES = {"vae": ["vae"], "ldm": ["vae", "ldm", "experts", "encode
 SEARCH_KEY = "search"
 # Where the latent search's window sits (``latent_search.search.window``): nnQC's pGT's box or the candidate's.
 SEARCH_WINDOWS = ("pgt", "candidate")
+# The QC network's variants (``qcnet.spatial_dims``): per slice or the whole stack.
+SPATIAL_DIMS = (2, 3)
 # Sections with a digest of their own (their rule's param): left out of the digest of the other training rules, so
 # that adding them did not retrain the models of existing results.
 OWN_DIGEST_SECTIONS = ("latent_search",)
@@ -55,11 +57,12 @@ _COMMON: dict[str, Any] = {
     # The learned QC opinion (models/segmenter.py, models/qcnet.py): the k-fold segmenters that make its training
     # candidates, saved at the ``checkpoints`` epochs (poor to converged), and the QC network (a MONAI residual UNet
     # on image + one-hot candidate, predicting per-group "extra" and "missed" voxel error maps; loss weights of
-    # the error-map BCE, the error-map Dice and the MAE of the volume DSC counted from the maps).
+    # the error-map BCE, the error-map Dice and the MAE of the volume DSC counted from the maps; ``spatial_dims`` 2
+    # runs it per slice, 3 on the whole stack, measured in docs/method.md, "2D or 3D").
     "segmenter": {"channels": [16, 32, 64], "res_units": 1, "lr": 1e-3, "batch_size": 16,
                   "checkpoints": [1, 3, 8, 20], "max_minutes": 6},
-    "qcnet": {"channels": [16, 32, 64, 128], "res_units": 2, "lr": 1e-3, "epochs": 30, "volumes_per_epoch": 120,
-              "volumes_per_step": 2, "patience": 8, "max_minutes": 12, "batch_size": 64,
+    "qcnet": {"spatial_dims": 2, "channels": [16, 32, 64, 128], "res_units": 2, "lr": 1e-3, "epochs": 30,
+              "volumes_per_epoch": 120, "volumes_per_step": 2, "patience": 8, "max_minutes": 12, "batch_size": 64,
               "loss_weights": {"bce": 1.0, "dice": 0.5, "dsc": 2.0}},
     # Wang et al.'s latent search (models/latent_search.py): the joint image–mask VAE on a ``grid``² window around
     # each volume's mask (side: the foreground box's extent times ``margin``; jittered in training when
@@ -275,6 +278,8 @@ def _validate(cfg: dict[str, Any]) -> None:
             raise ValueError(f"{section}.channels {bad} are not multiples of {section}.norm_num_groups={groups}")
         if len(cfg[section]["attention_levels"]) != len(cfg[section]["channels"]):
             raise ValueError(f"{section}.attention_levels must have one entry per {section}.channels level")
+    if cfg["qcnet"]["spatial_dims"] not in SPATIAL_DIMS:
+        raise ValueError(f"qcnet.spatial_dims must be one of {SPATIAL_DIMS}, got {cfg['qcnet']['spatial_dims']!r}")
     if cfg["ldm"]["select_on"] not in SELECTION_SCORES:
         raise ValueError(f"ldm.select_on must be one of {SELECTION_SCORES}")
     if cfg["ldm"]["candidate_encoding"] not in CANDIDATE_ENCODINGS:

@@ -1,6 +1,7 @@
 """Rule ``train_qcnet``: the learned QC opinion, a QCResUNet-family network that does not rest on the pGT.
 
-The network (a MONAI 2D UNet with residual units) takes an image slice and the one-hot candidate mask and outputs,
+The network (a MONAI UNet with residual units; 2D on each slice, or 3D on the whole stack with
+``qcnet.spatial_dims: 3``) takes the image and the one-hot candidate mask and outputs,
 for every error *group* (the foreground, and each class when there are several), two voxel maps: the probability
 that a candidate voxel of the group is wrong ("extra") and that a voxel outside it belongs to the group
 ("missed"). The volume's quality is *counted* from those maps, SegQC-style, never averaged over slices:
@@ -32,7 +33,7 @@ from monai.networks.nets import UNet
 from nnqc_pipe.chunks import fill
 from nnqc_pipe.models.device import resolve_device, seed_everything
 from nnqc_pipe.models.error_counts import count_terms, dsc_from_terms, error_groups, group_mask
-from nnqc_pipe.models.presets import training_hash
+from nnqc_pipe.models.presets import SPATIAL_DIMS, training_hash
 from nnqc_pipe.models.training import SingleNetwork, fit, progress, read_checkpoint, resume_run, seed_epoch
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,15 @@ def error_targets(candidate: torch.Tensor, label: torch.Tensor, n_classes: int) 
     return torch.stack(maps, dim=1).float()
 
 
-def build_qcnet(n_classes: int, channels: Sequence[int], res_units: int, pgt_channel: bool = False) -> UNet:
+def build_qcnet(n_classes: int, channels: Sequence[int], res_units: int, pgt_channel: bool = False,
+                spatial_dims: int = 2) -> UNet:
     """Image (1 channel) + one-hot candidate (``n_classes``) in, plus the one-hot pGT (``n_classes``) with
-    ``pgt_channel`` (measured in benchmarks/learned_pgt_channel.py), two error logits per group out."""
+    ``pgt_channel``, two error logits per group out; ``spatial_dims`` 2 (per slice) or 3 (the whole stack). Both
+    variants are measured in benchmarks/learned_variants.py."""
+    if spatial_dims not in SPATIAL_DIMS:
+        raise ValueError(f"qcnet.spatial_dims must be one of {SPATIAL_DIMS}, got {spatial_dims!r}")
     in_channels = 1 + n_classes * (2 if pgt_channel else 1)
-    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=2 * len(error_groups(n_classes)),
+    return UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2 * len(error_groups(n_classes)),
                 channels=tuple(channels), strides=(2,) * (len(channels) - 1), num_res_units=res_units,
                 norm="instance")
 
@@ -66,6 +71,28 @@ def network_input(image: torch.Tensor, candidate: torch.Tensor, n_classes: int, 
     masks = [candidate] if pgt is None else [candidate, pgt]
     one_hot = [F.one_hot(m.long(), n_classes).permute(0, 3, 1, 2).float() for m in masks]
     return torch.cat([image[:, None].float(), *one_hot], dim=1)
+
+
+def stack_logits(net: torch.nn.Module, inputs: Sequence[torch.Tensor], spatial_dims: int) -> torch.Tensor:
+    """[ΣS, 2G, H, W] error logits of the network inputs of whole candidate volumes ([S, C, H, W] each).
+
+    2D: one batch of every slice. 3D: each volume on its own as [1, C, S, H, W], its slices zero-padded at the end to
+    a multiple of the network's total stride (the padding's outputs dropped), so that the two variants give the
+    same layout to the loss and the counts.
+    """
+    if spatial_dims == 2:
+        return net(torch.cat(list(inputs)))
+    out = []
+    for volume in inputs:
+        n_slices = len(volume)
+        padded = F.pad(volume.permute(1, 0, 2, 3), (0, 0, 0, 0, 0, -n_slices % _total_stride(net)))
+        out.append(net(padded[None])[0, :, :n_slices].permute(1, 0, 2, 3))
+    return torch.cat(out)
+
+
+def _total_stride(net: torch.nn.Module) -> int:
+    """The product of a MONAI UNet's strides: what a 3D stack's depth must divide into."""
+    return int(np.prod(getattr(net, "strides", (1,))))
 
 
 def volume_dsc(probs: torch.Tensor, candidate: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -140,7 +167,9 @@ class QCNetTrainer(SingleNetwork):
 
     def __init__(self, cfg: dict[str, Any], n_classes: int, device: torch.device, pgt_channel: bool = False) -> None:
         self.cfg, self.n_classes, self.device, self.pgt_channel = cfg, n_classes, device, pgt_channel
-        self.net = build_qcnet(n_classes, cfg["channels"], cfg["res_units"], pgt_channel).to(device)
+        self.spatial_dims = int(cfg.get("spatial_dims", 2))
+        self.net = build_qcnet(n_classes, cfg["channels"], cfg["res_units"], pgt_channel,
+                               self.spatial_dims).to(device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
         self.dice = DiceLoss(sigmoid=True, batch=True)
         self.weights = cfg["loss_weights"]
@@ -189,11 +218,10 @@ class QCNetTrainer(SingleNetwork):
         assert self.train_set is not None
         volumes = [self._volume(self.train_set, int(i), rng.uniform(0.85, 1.2), rng.uniform(-0.1, 0.1))
                    for i in indices]
-        image = torch.cat([v[0] for v in volumes])
         candidate = torch.cat([v[1] for v in volumes])
         label = torch.cat([v[2] for v in volumes])
-        pgt = torch.cat([v[3] for v in volumes]) if self.pgt_channel else None
-        logits = self.net(network_input(image, candidate, self.n_classes, pgt))
+        logits = stack_logits(self.net, [network_input(image, cand, self.n_classes, pgt)
+                                         for image, cand, _, pgt in volumes], self.spatial_dims)
         target = error_targets(candidate, label, self.n_classes)
         probs = torch.sigmoid(logits)
         start, dsc_errors = 0, []
@@ -218,7 +246,8 @@ class QCNetTrainer(SingleNetwork):
         out = []
         for i in range(len(data)):
             image, cand, _, pgt = self._volume(data, i)
-            probs = error_probabilities(self.net, image, cand, self.n_classes, self.cfg["batch_size"], pgt)
+            probs = error_probabilities(self.net, image, cand, self.n_classes, self.cfg["batch_size"], pgt,
+                                        self.spatial_dims)
             out.append(volume_dsc(probs, cand, self.n_classes).cpu().numpy())
         return np.asarray(out, dtype=np.float64).reshape(len(data), -1)
 
@@ -236,14 +265,16 @@ class QCNetTrainer(SingleNetwork):
         """The full training state plus run bookkeeping in ``extra``."""
         return {"kind": "qcnet", "n_classes": self.n_classes,
                 "net": {"channels": list(self.cfg["channels"]), "res_units": self.cfg["res_units"],
-                        "pgt_channel": self.pgt_channel},
+                        "pgt_channel": self.pgt_channel, "spatial_dims": self.spatial_dims},
                 "model": self.net.state_dict(), "opt": self.opt.state_dict(), **extra}
 
 
 def error_probabilities(net: torch.nn.Module, image: torch.Tensor, candidate: torch.Tensor, n_classes: int,
-                        batch_size: int, pgt: torch.Tensor | None = None) -> torch.Tensor:
-    """[S, 2G, H, W] error probabilities of a candidate stack (and its pGT, for a network with the pGT channel),
-    in batches of slices."""
+                        batch_size: int, pgt: torch.Tensor | None = None, spatial_dims: int = 2) -> torch.Tensor:
+    """[S, 2G, H, W] error probabilities of a candidate stack (and its pGT, for a network with the pGT channel):
+    in batches of slices (2D), or the whole stack at once (3D)."""
+    if spatial_dims == 3:
+        return torch.sigmoid(stack_logits(net, [network_input(image, candidate, n_classes, pgt)], spatial_dims))
     out = []
     for start in range(0, len(candidate), batch_size):
         part = slice(start, start + batch_size)
@@ -278,6 +309,7 @@ class QCNet:
     batch_size: int
     device: torch.device
     pgt_channel: bool = False
+    spatial_dims: int = 2
 
     @property
     def groups(self) -> list[tuple[str, int | None]]:
@@ -293,7 +325,7 @@ class QCNet:
         extra = None if not self.pgt_channel else torch.as_tensor(pgt, device=self.device).long()
         probs = error_probabilities(self.net, torch.as_tensor(image, dtype=torch.float32, device=self.device),
                                     torch.as_tensor(candidate, device=self.device).long(), self.n_classes,
-                                    self.batch_size, extra)
+                                    self.batch_size, extra, self.spatial_dims)
         return probs.float().cpu().numpy()
 
 
@@ -302,7 +334,9 @@ def load_qcnet(path: str | os.PathLike, device: str = "auto", batch_size: int = 
     state = read_checkpoint(path)
     dev = resolve_device(device)
     pgt_channel = bool(state["net"].get("pgt_channel", False))
-    net = build_qcnet(state["n_classes"], state["net"]["channels"], state["net"]["res_units"], pgt_channel)
+    spatial_dims = int(state["net"].get("spatial_dims", 2))
+    net = build_qcnet(state["n_classes"], state["net"]["channels"], state["net"]["res_units"], pgt_channel,
+                      spatial_dims)
     net.load_state_dict(state["best_model"])
     return QCNet(net=net.to(dev).eval(), n_classes=int(state["n_classes"]), batch_size=batch_size, device=dev,
-                 pgt_channel=pgt_channel)
+                 pgt_channel=pgt_channel, spatial_dims=spatial_dims)

@@ -1,4 +1,4 @@
-"""The summarising and file-finding code of benchmarks/learned_pgt_channel.py on tiny tables (no training)."""
+"""The summarising and file-finding code of benchmarks/learned_variants.py on tiny tables (no training)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import load_benchmark
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark("learned_pgt_channel")
+    return load_benchmark("learned_variants")
 
 
 def test_summary_figures_on_a_table_with_known_answers(bench):
@@ -49,3 +49,10 @@ def test_test_candidates_lists_the_masks_that_exist(bench, tmp_path):
               "sources": {"unet": str(tmp_path / "unet_{subject}.nii.gz")}}
     found = bench.test_candidates(config, run, ["s1", "s2"])
     assert [(s, source) for s, source, _ in found] == [("s1", "gt"), ("s1", "degraded_L3"), ("s2", "unet")]
+
+
+def test_each_variant_changes_only_its_own_setting(bench):
+    cfg = {"n_classes": 3, "qcnet": {"spatial_dims": 2, "channels": [8, 16]}}
+    assert bench.variant_config(cfg, "control") == cfg
+    three = bench.variant_config(cfg, "3d")
+    assert three["qcnet"] == {"spatial_dims": 3, "channels": [8, 16]} and cfg["qcnet"]["spatial_dims"] == 2

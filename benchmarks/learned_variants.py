@@ -1,27 +1,30 @@
-"""Does the learned opinion gain from nnQC's pseudo ground truth as an extra input channel? (issue 17's ablation)
+"""Variants of the learned opinion's QC network against the run's own (issue 17's ablations): the pGT as an extra
+input channel, and 3D instead of 2D.
 
-The QC network (``nnqc_pipe.models.qcnet``) normally sees the image and the one-hot candidate. Here a second network
-also sees the one-hot pGT nnQC generates for the same candidate (:func:`nnqc_pipe.models.qcnet.build_qcnet` with
-``pgt_channel``), trained on the same candidates, with the same settings and seed, as the run's own network, which
-is the control (its training is deterministic: docs/method.md, "Each candidate kind left out").
+The QC network (``nnqc_pipe.models.qcnet``) normally sees the image slice and the one-hot candidate. The variants,
+each trained on the same candidates, with the same settings and seed, as the run's own network (the ``control``;
+its training is deterministic: docs/method.md, "Each candidate kind left out"):
 
-``--seeds`` retrains both networks with other seeds (the control too), so that the difference can be read against
+- ``pgt_channel``: also sees the one-hot pGT nnQC generates for the same candidate
+  (:func:`nnqc_pipe.models.qcnet.build_qcnet` with ``pgt_channel``). The catch the issue names: the pGTs of the QC
+  network's training candidates come from an LDM that trained on those very subjects, so they are more accurate than
+  any pGT it will see at test time. The script measures that optimism first (nnQC's DSC error on the training
+  candidates against the test candidates', same grid) and then trains with those pGTs anyway: the figures say what
+  the channel is worth where the optimism is *not* handled (k-fold LDMs would handle it, at k times the LDM's cost).
+- ``3d``: the same network in 3D (``qcnet.spatial_dims: 3``) on each whole candidate stack.
+
+``--seeds`` retrains every variant with other seeds (the control too), so that a difference can be read against
 the spread of one network's retrainings.
-
-The catch the issue names: the pGTs of the QC network's training candidates come from an LDM that trained on those
-very subjects, so they are more accurate than any pGT it will see at test time. This script measures that optimism
-first (nnQC's DSC error on the training candidates against the test candidates', same grid) and then trains with
-those pGTs anyway: the figures say what the channel is worth where the optimism is *not* handled (k-fold LDMs would
-handle it, at k times the LDM's training time).
 
 Reads an existing real-segmenter benchmark run (``benchmarks/real_segmenters.py``: its config, split, models,
 preprocessed stacks, learned candidates, degraded candidates and the report's real DSC); writes only under
-``--work``: ``pgt/{subject}.npz`` (the training candidates' pGTs, patch grid), ``models/<variant>_seed<N>/qcnet.pt``
-and ``candidates.csv`` (every test candidate's learned DSC from every network, and the real DSC). A rerun reuses what
-exists. The figures (foreground, the test subjects' ``gt``, ``degraded_L1..5`` and user sources):
+``--work``: ``pgt/{subject}.npz`` (the training candidates' pGTs, patch grid; ``pgt_channel`` only),
+``models/<variant>_seed<N>/qcnet.pt`` and ``candidates.csv`` (every test candidate's learned DSC from every network,
+and the real DSC). A rerun reuses what exists. The figures (foreground, the test subjects' ``gt``,
+``degraded_L1..5`` and user sources):
 
-    python benchmarks/learned_pgt_channel.py --run results/bench_real/hippocampus --work results/pgt_channel \
-        --seeds 0 1
+    python benchmarks/learned_variants.py --run results/bench_real/hippocampus --work results/pgt_channel \
+        --variants control pgt_channel 3d --seeds 0 1
 """
 
 from __future__ import annotations
@@ -53,10 +56,12 @@ from nnqc_pipe.stages.infer import subject_seed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import candidate_paths  # noqa: E402
 
-log = logging.getLogger("learned_pgt_channel")
+log = logging.getLogger("learned_variants")
 
 FOREGROUND = "foreground"
 FAIL_DSC = 0.7
+# Each variant's change to the run's QC network settings (``pgt_channel`` also trains on the candidates' pGTs).
+VARIANTS: dict[str, dict[str, Any]] = {"control": {}, "pgt_channel": {}, "3d": {"spatial_dims": 3}}
 
 
 def candidate_pgt(models: PGTModels, run: Path, subject: str, candidate: np.ndarray, inference: dict[str, Any],
@@ -119,20 +124,25 @@ def score_test(models: PGTModels, networks: dict[str, QCNet], run: Path, config:
 
 
 def network_path(run: Path, work: Path, variant: str, seed: int, run_seed: int) -> Path:
-    """Where a network of ``variant`` (``control`` or ``pgt_channel``) trained with ``seed`` lies: the run's own
+    """Where a network of ``variant`` (a key of :data:`VARIANTS`) trained with ``seed`` lies: the run's own
     network is the control at the run's seed."""
     if variant == "control" and seed == run_seed:
         return run / "models" / "qcnet.pt"
     return work / "models" / f"{variant}_seed{seed}" / "qcnet.pt"
 
 
+def variant_config(cfg: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The resolved model settings ``cfg`` with ``variant``'s QC network changes (:data:`VARIANTS`)."""
+    return cfg | {"qcnet": cfg["qcnet"] | VARIANTS[variant]}
+
+
 def train_network(run: Path, work: Path, roles: dict[str, list[str]], cfg: dict[str, Any], variant: str, seed: int,
                   out: Path, device: str) -> None:
-    """Train one QC network on the run's learned candidates (with their pGTs for ``pgt_channel``)."""
+    """Train one QC network of ``variant`` on the run's learned candidates (with their pGTs for ``pgt_channel``)."""
     pgt_npz = str(work / "pgt" / "{subject}.npz") if variant == "pgt_channel" else None
     sets = [load_candidate_set(roles[r], str(run / "learned" / "candidates" / "{subject}.npz"),
                                str(run / "preprocessed" / "{subject}.npz"), pgt_npz) for r in ("train", "val")]
-    train_qcnet(*sets, cfg, out.parent, device, seed)
+    train_qcnet(*sets, variant_config(cfg, variant), out.parent, device, seed)
 
 
 def summary(table: pd.DataFrame, predictors: list[str]) -> pd.DataFrame:
@@ -165,6 +175,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="folder for this script's outputs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the run's)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["control", "pgt_channel"],
+                        help="the networks to train and compare (default: control pgt_channel)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run, work = args.run.resolve(), args.work.resolve()
@@ -180,11 +192,13 @@ def main() -> int:
     models = load_models(run / "models", args.device)
 
     started = time.time()
-    train_rows = pd.DataFrame(training_pgts(models, run, roles["train"] + roles["val"], inference, seed, work))
-    log.info("training pGTs: %.0f s", time.time() - started)
+    train_rows = pd.DataFrame()
+    if "pgt_channel" in args.variants:
+        train_rows = pd.DataFrame(training_pgts(models, run, roles["train"] + roles["val"], inference, seed, work))
+        log.info("training pGTs: %.0f s", time.time() - started)
     networks = {}
     for training_seed in args.seeds or [seed]:
-        for variant in ("control", "pgt_channel"):
+        for variant in args.variants:
             path = network_path(run, work, variant, training_seed, seed)
             if not path.is_file():
                 train_network(run, work, roles, cfg, variant, training_seed, path, args.device)
@@ -197,15 +211,16 @@ def main() -> int:
                                 "predicted_dsc"].iloc[0] for s, src in zip(table.subject, table.source, strict=True)]
     table.to_csv(work / "candidates.csv", index=False)
 
-    train_rows["kind"] = train_rows.kind.str.replace(r"_\d+$", "", regex=True)
-    test_error = (table.nnqc_patch - table.real).abs()
-    print("nnQC's pGT on the LDM's own training subjects vs the test subjects (foreground, patch grid):")
-    print(f"  training candidates: MAE {(train_rows.nnqc - train_rows.real).abs().mean():.3f}, gt scored "
-          f"{train_rows.loc[train_rows.kind == 'gt', 'nnqc'].mean():.3f}")
-    print(f"  test candidates:     MAE {test_error.mean():.3f}, gt scored "
-          f"{table.loc[table.source == 'gt', 'nnqc_patch'].mean():.3f}")
+    if len(train_rows):
+        train_rows["kind"] = train_rows.kind.str.replace(r"_\d+$", "", regex=True)
+        test_error = (table.nnqc_patch - table.real).abs()
+        print("nnQC's pGT on the LDM's own training subjects vs the test subjects (foreground, patch grid):")
+        print(f"  training candidates: MAE {(train_rows.nnqc - train_rows.real).abs().mean():.3f}, gt scored "
+              f"{train_rows.loc[train_rows.kind == 'gt', 'nnqc'].mean():.3f}")
+        print(f"  test candidates:     MAE {test_error.mean():.3f}, gt scored "
+              f"{table.loc[table.source == 'gt', 'nnqc_patch'].mean():.3f}")
     board = summary(table, [*networks, "nnqc"])
-    print(f"\nlearned DSC without (control; seed {seed}: the run's own network) and with the pGT channel, and nnQC:")
+    print(f"\nlearned DSC of each variant (control at seed {seed}: the run's own network), and nnQC:")
     print(board.round(3).to_string())
     if len(args.seeds or []) > 1:
         variant = board.index.str.replace(r"_seed\d+$", "", regex=True)
