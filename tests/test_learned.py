@@ -22,6 +22,7 @@ from nnqc_pipe.models.qcnet import (
     error_targets,
     load_candidate_set,
     load_qcnet,
+    stack_logits,
     train_qcnet,
     volume_dsc,
 )
@@ -191,6 +192,37 @@ def test_qcnet_with_the_pgt_channel_reads_the_pgt_and_needs_it(tmp_path):
     np.savez(tmp_path / "s_pgt.npz", pgts=np.stack([truth] * 2))
     with pytest.raises(ValueError, match="do not match"):
         load_candidate_set(["s"], *patterns, str(tmp_path / "{subject}_pgt.npz"))
+
+
+def test_the_3d_network_keeps_every_slice_in_place():
+    # an identity convolution returns its input: the 3D path hands back [S, C, H, W] in the input's slice order,
+    # padded internally to the network's total stride and cropped again
+    identity = torch.nn.Conv3d(4, 4, 1, bias=False)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(4)[:, :, None, None, None])
+    identity.strides = (2, 2)
+    volumes = [torch.randn(5, 4, 6, 6), torch.randn(3, 4, 6, 6)]
+    out = stack_logits(identity, volumes, spatial_dims=3)
+    torch.testing.assert_close(out, torch.cat(volumes))
+    # 2D: one batch of every slice, the same layout
+    flat = torch.nn.Conv2d(4, 4, 1, bias=False)
+    torch.testing.assert_close(stack_logits(flat, volumes, spatial_dims=2), flat(torch.cat(volumes)))
+
+
+def test_a_3d_qc_network_trains_and_reloads_as_3d(tmp_path):
+    truth = _disc_stack(n_slices=5, radius=6)
+    candidates = [truth, _disc_stack(n_slices=5, radius=4), np.zeros_like(truth)]
+    real = np.array([[1.0, 1.0, 1.0], [0.6, 0.5, 1.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    data = CandidateSet(images=[truth.astype(np.float16)], labels=[truth], subject=np.zeros(3, dtype=np.int64),
+                        candidates=candidates, real_dsc=real, names=["s"])
+    cfg = {"spatial_dims": 3, "channels": [8, 16], "res_units": 1, "lr": 3e-3, "volumes_per_epoch": 3,
+           "volumes_per_step": 3, "batch_size": 8, "loss_weights": {"bce": 1.0, "dice": 0.5, "dsc": 2.0},
+           "epochs": 2, "patience": 5, "max_minutes": 1}
+    train_qcnet(data, data, {"qcnet": cfg, "n_classes": 3, "patch_size": [24, 24]}, tmp_path, "cpu", 0)
+    net = load_qcnet(tmp_path / QCNET, "cpu")
+    assert net.spatial_dims == 3 and net.net.dimensions == 3
+    probs = net.probabilities(truth.astype(np.float32), candidates[1])
+    assert probs.shape == (5, 6, 24, 24) and np.all((probs >= 0) & (probs <= 1))
 
 
 def test_segmenter_predicts_its_held_out_subjects_at_the_checkpoints():

@@ -83,6 +83,7 @@ def test_presets_resolve_fill_plan_and_merge_overrides():
         ({"ldm": {"attention_levels": [True]}}, "attention_levels"),
         ({"ldm": {"image_dropout": 1.0}}, "image_dropout must lie"),
         ({"ldm": {"image_dropout": 0.2, "image_input": False}, "experts": {"mode": "position"}}, "sees no image"),
+        ({"qcnet": {"spatial_dims": 1}}, "qcnet.spatial_dims"),
     ],
 )
 def test_presets_reject_unbuildable_settings(overrides, message):
