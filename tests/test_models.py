@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,22 @@ def test_ddim_steps_default_to_the_presets_and_never_retrain(monkeypatch):
     assert presets.training_digest("cpu") == digest
     monkeypatch.setitem(presets.PRESETS, "cpu", presets.deep_merge(changed, {"ldm": {"lr": 1.0}}))
     assert presets.training_digest("cpu") != digest
+
+
+def test_a_key_added_at_its_former_behaviour_retrains_nothing(monkeypatch):
+    # qcnet.spatial_dims came after results existed: at 2 (what the network always was) the digests and the
+    # training hash are those of a preset without the key; 3 is another network and retrains it
+    resolved = presets.resolve("cpu", {}, PLAN)
+    former = copy.deepcopy(resolved)
+    del former["qcnet"]["spatial_dims"]
+    assert presets.training_hash(resolved, "qcnet") == presets.training_hash(former, "qcnet")
+    three = presets.resolve("cpu", {"qcnet": {"spatial_dims": 3}}, PLAN)
+    assert presets.training_hash(three, "qcnet") != presets.training_hash(former, "qcnet")
+    digest = presets.training_digest("cpu")
+    without = copy.deepcopy(presets.PRESETS["cpu"])
+    del without["qcnet"]["spatial_dims"]
+    monkeypatch.setitem(presets.PRESETS, "cpu", without)
+    assert presets.training_digest("cpu") == digest
 
 
 def test_presets_reject_unknown_name_and_odd_patch():

@@ -32,6 +32,10 @@ SPATIAL_DIMS = (2, 3)
 # Sections with a digest of their own (their rule's param): left out of the digest of the other training rules, so
 # that adding them did not retrain the models of existing results.
 OWN_DIGEST_SECTIONS = ("latent_search",)
+# Keys added to a section after results existed, with the value that does what the code did before: at that value
+# they are left out of the digests and training hashes, so that adding them retrained nothing; any other value
+# (a user's override) counts as usual.
+DIGEST_EXEMPT = {"qcnet": {"spatial_dims": 2}}
 
 _COMMON: dict[str, Any] = {
     "encoder": {
@@ -262,7 +266,7 @@ def training_hash(cfg: dict[str, Any], section: str, extra: dict[str, Any] | Non
     autoencoder, the experts, the encoder and the noise schedule. ``extra`` adds run inputs (subject lists, seed).
     """
     keys = ["patch_size", "n_classes", *SECTION_DEPENDENCIES[section]]
-    relevant = {k: copy.deepcopy(cfg[k]) for k in keys}
+    relevant = {k: copy.deepcopy(_digested(k, cfg[k])) for k in keys}
     for key in (*RUN_LENGTH_KEYS, SEARCH_KEY):
         relevant[section].pop(key, None)
     relevant["extra"] = copy.deepcopy(extra or {})
@@ -329,10 +333,19 @@ def check_overrides(overrides: dict[str, Any], preset_name: str, where: str = "m
 def training_digest(preset_name: str, section: str | None = None) -> str:
     """Hash of a preset's training values: of ``section`` alone (one of :data:`OWN_DIGEST_SECTIONS`), or of every
     other section. Inference settings (the ``inference`` section, a section's ``search``) never retrain."""
-    preset = PRESETS[preset_name]
+    preset = {name: _digested(name, values) for name, values in PRESETS[preset_name].items()}
     if section is not None:
         return config_hash({k: v for k, v in preset[section].items() if k != SEARCH_KEY})
     return config_hash({k: v for k, v in preset.items() if k not in ("inference", *OWN_DIGEST_SECTIONS)})
+
+
+def _digested(section: str, values: Any) -> Any:
+    """A config section as digests and training hashes see it: without its :data:`DIGEST_EXEMPT` keys that hold
+    their former behaviour's value."""
+    exempt = DIGEST_EXEMPT.get(section, {})
+    if not exempt:
+        return values
+    return {k: v for k, v in values.items() if not (k in exempt and v == exempt[k])}
 
 
 def search_settings(overrides: dict[str, Any], preset_name: str) -> dict[str, Any]:
