@@ -77,9 +77,10 @@ def stack_logits(net: torch.nn.Module, inputs: Sequence[torch.Tensor], spatial_d
     """[ΣS, 2G, H, W] error logits of the network inputs of whole candidate volumes ([S, C, H, W] each).
 
     2D: one batch of every slice. 3D: each volume on its own as [1, C, H, W, S] (the slices last: with them first,
-    PyTorch ran most of the batch-of-one 3D convolutions on its slow native path, three times slower on CPU), its
-    slices zero-padded at the end to a multiple of the network's total stride (the padding's outputs dropped), so
-    that the two variants give the same layout to the loss and the counts.
+    PyTorch ran most of the batch-of-one 3D convolutions on its slow native path, 1.5 s against 0.58 s per CPU
+    training step of two hippocampus volumes), its slices zero-padded at the end to a multiple of the network's
+    total stride (the padding's outputs dropped), so that the two variants give the same layout to the loss and
+    the counts.
     """
     if spatial_dims == 2:
         return net(torch.cat(list(inputs)))
