@@ -203,12 +203,18 @@ if set(REPAIR_SOURCES) & set(USER_SOURCES):
     )
 if REPAIR:
     REPORT_SETTINGS["repair_sources"] = REPAIR_SOURCES
-if config["report"]["verdict_score"] in ("learned", "combined") and not LEARNED:
+if config["report"]["verdict_score"] == "learned" and not LEARNED:
     raise WorkflowError(
-        f"report.verdict_score: {config['report']['verdict_score']} needs the learned opinion: list learned "
-        "in methods (with qc_model, a bundle exported with qcnet.pt)"
+        "report.verdict_score: learned needs the learned opinion: list learned in methods (with qc_model, a "
+        "bundle exported with qcnet.pt)"
     )
-SELECTION_SCORE_METHOD = {"calibrated": "nnqc", "combined": "learned"}.get(
+# combined_dsc fuses the opinions in methods: it needs two of them.
+if "combined" in (config["report"]["verdict_score"], config["selection"]["score"]) and len(METHODS) < 2:
+    raise WorkflowError(
+        "report.verdict_score/selection.score: combined fuses the opinions in methods and needs at least two: "
+        f"methods is {METHODS}"
+    )
+SELECTION_SCORE_METHOD = {"calibrated": "nnqc", "combined": "nnqc"}.get(
     config["selection"]["score"], config["selection"]["score"]
 )
 if SELECTION_SCORE_METHOD != "verdict" and SELECTION_SCORE_METHOD not in METHODS:

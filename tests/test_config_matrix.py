@@ -184,11 +184,14 @@ def test_a_method_left_out_defines_no_rule(tmp_path, switch):
     assert {"infer", "report"} <= set(left_out.stdout.split())
 
 
-def test_learned_verdict_score_without_the_learned_opinion_stops_the_run(tmp_path):
-    config = matrix_config(tmp_path, report={"verdict_score": "combined"})
-    proc = run_snakemake(config, tmp_path, "-n")
-    assert proc.returncode != 0 and "report.verdict_score: combined needs the learned opinion" in proc.stdout + (
-        proc.stderr)
+def test_verdict_scores_without_their_opinions_stop_the_run(tmp_path):
+    learned = run_snakemake(matrix_config(tmp_path, report={"verdict_score": "learned"}), tmp_path, "-n")
+    assert learned.returncode != 0 and "report.verdict_score: learned needs the learned opinion" in (
+        learned.stdout + learned.stderr)
+    alone = matrix_config(tmp_path, methods=["nnqc"], report={"verdict_score": "combined"})
+    proc = run_snakemake(alone, tmp_path, "-n")
+    assert proc.returncode != 0 and "combined fuses the opinions in methods and needs at least two" in (
+        proc.stdout + proc.stderr)
 
 
 def test_labels_null_without_a_qc_model_stops_with_what_to_do(tmp_path):

@@ -27,7 +27,7 @@ from nnqc_pipe.models.qcnet import (
     volume_dsc,
 )
 from nnqc_pipe.models.segmenter import SegmenterTrainer, prediction_key
-from nnqc_pipe.qc.calibration import combine, combine_label
+from nnqc_pipe.qc.calibration import combine, combine_label, fusion_regression
 from nnqc_pipe.qc.learned import estimated_truth, learned_dice, learned_slice_counts, real_group_scores
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -264,7 +264,8 @@ def _fusion_rows(n_subjects: int = 10, seed: int = 0) -> pd.DataFrame:
 def test_combined_score_is_fitted_out_of_fold_and_never_sees_its_own_subject():
     rows = _fusion_rows()
     combined, info = combine_label(rows)
-    assert info["fitted"] and info["coefficients"]["learned_dsc"] > info["coefficients"]["predicted_dsc"]
+    weights = info["coefficients"]["predicted_dsc+learned_dsc"]
+    assert info["fitted"] and weights["learned_dsc"] > weights["predicted_dsc"] and weights["rows"] == len(rows)
     assert np.mean(np.abs(combined - rows["real_dsc"])) < np.mean(np.abs(rows["predicted_dsc"] - rows["real_dsc"]))
     # Leakage check: changing one subject's own real DSC must not change that subject's combined score.
     leaked = rows.copy()
@@ -282,4 +283,32 @@ def test_combined_score_without_enough_labels_is_the_plain_mean_and_says_so():
     assert not info["fitted"] and "3 labelled subjects" in info["reason"]
     np.testing.assert_allclose(values, rows[["predicted_dsc", "learned_dsc"]].mean(axis=1))
     column, info = combine(rows.drop(columns="learned_dsc"))
-    assert column.isna().all() and info["all"]["reason"] == "no learned opinion"
+    assert column.isna().all() and "fewer than two opinions" in info["all"]["reason"]
+
+
+def test_combined_score_uses_the_opinions_each_row_has():
+    """The agreement is missing for the subjects without another real segmenter: their rows are scored by the fit
+    without it, the others gain from it, no row is left unscored and no subject's own label reaches its score."""
+    rows = _fusion_rows(n_subjects=20, seed=1)
+    rng = np.random.default_rng(2)
+    rows["baseline_agreement_dsc"] = rows["real_dsc"] + rng.normal(0, 0.005, len(rows))
+    lonely = rows["subject"].isin(["s0", "s7", "s13"])
+    rows.loc[lonely, "baseline_agreement_dsc"] = np.nan
+    rows["learned_dsc"] = rows["real_dsc"] + rng.normal(0, 0.08, len(rows))
+    combined, info = combine_label(rows)
+    assert np.isfinite(combined).all()
+    assert set(info["coefficients"]) == {"predicted_dsc+learned_dsc+baseline_agreement_dsc",
+                                         "predicted_dsc+learned_dsc"}
+    error = np.abs(combined - rows["real_dsc"].to_numpy())
+    assert error[~lonely.to_numpy()].mean() < 0.01 < error[lonely.to_numpy()].mean()
+    leaked = rows.copy()
+    own = (leaked["subject"] == "s7").to_numpy()
+    leaked.loc[own, "real_dsc"] = 0.0
+    np.testing.assert_allclose(combine_label(leaked)[0][own], combined[own])
+
+
+def test_combined_regression_on_too_few_rows_falls_back_to_nnqc_alone():
+    x = np.array([[0.5, 0.9, 0.1], [0.7, 0.2, 0.3], [0.9, 0.4, 0.8]])
+    model = fusion_regression(x, np.array([0.4, 0.6, 0.8]))
+    np.testing.assert_allclose(model.coef_, [1.0, 0.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(model.predict(x), [0.4, 0.6, 0.8], atol=1e-9)

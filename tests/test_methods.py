@@ -126,8 +126,10 @@ def test_without_labels_the_board_is_empty_with_its_schema():
 def test_left_out_columns_of_the_methods_switch():
     assert left_out_columns(["nnqc", "learned", "vae_recon", "agreement"]) == ["latent_search_dsc"]
     assert left_out_columns(["nnqc", "learned", "vae_recon", "agreement", "latent_search"]) == []
-    assert left_out_columns(["nnqc"]) == ["learned_dsc", "learned_nsd", "combined_dsc", "baseline_vae_recon_dsc",
-                                          "baseline_agreement_dsc", "latent_search_dsc"]
+    assert left_out_columns(["nnqc"]) == ["learned_dsc", "learned_nsd", "baseline_vae_recon_dsc",
+                                          "baseline_agreement_dsc", "latent_search_dsc", "combined_dsc"]
+    assert left_out_columns(["nnqc", "agreement"]) == ["learned_dsc", "learned_nsd", "baseline_vae_recon_dsc",
+                                                       "latent_search_dsc"]
     for wrong in (["learned"], ["nnqc", "wang"]):
         with pytest.raises(ValueError, match="must include nnqc"):
             left_out_columns(wrong)

@@ -342,9 +342,18 @@ def test_methods_left_out_leave_no_column(tmp_path: Path) -> None:
         assert not opinions & set(pd.read_parquet(tmp_path / "nnqc" / f"{name}.parquet").columns), name
     assert set(only["methods"]["method"]) == {"nnqc", "calibrated"}
     assert not {"learned_dsc", "combined_dsc"} & set(only["summary"]["metric"])
-    with pytest.raises(ValueError, match="needs the learned opinion in methods"):
+    with pytest.raises(ValueError, match="needs its opinion in methods"):
         write_report(paths, tmp_path / "refused", COHORT, 0.8, METADATA, verdict_score="combined",
+                     methods=["nnqc"])
+    with pytest.raises(ValueError, match="needs its opinion in methods"):
+        write_report(paths, tmp_path / "refused", COHORT, 0.8, METADATA, verdict_score="learned",
                      methods=["nnqc", "agreement"])
+    # An opinion left out of methods is not fused although the scores have it: here the learned DSC, leaving nnQC
+    # alone (these scores have no VAE reconstruction values), so nothing is fused.
+    fused = write_report(paths, tmp_path / "fused", COHORT, 0.8, METADATA, methods=["nnqc", "vae_recon"])
+    info = read_parquet_metadata(tmp_path / "fused" / "subjects.parquet")["combined"]
+    assert "learned_dsc" not in fused["subjects"] and fused["subjects"]["combined_dsc"].isna().all()
+    assert info["all"]["reason"] == "fewer than two opinions to fuse (['predicted_dsc'])"
 
 
 def test_write_report_rejects_other_cohort(tmp_path: Path) -> None:

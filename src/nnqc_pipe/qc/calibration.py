@@ -25,7 +25,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import GroupKFold
 
-from nnqc_pipe.qc.baselines import SYNTHETIC_SOURCES
+from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, LATENT_SEARCH_COLUMN, SYNTHETIC_SOURCES, VAE_RECON_COLUMN
 from nnqc_pipe.qc.learned import LEARNED_DSC
 
 log = logging.getLogger(__name__)
@@ -84,51 +84,95 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, make_model: Ca
     return oof, int(folds.n_splits)
 
 
-def combine_label(rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, object]]:
-    """``combined_dsc`` of the rows of one label (columns subject, predicted_dsc, learned_dsc, real_dsc).
+# The opinions ``combined_dsc`` fuses, in this order, each where the report has values of it: nnQC's predicted DSC
+# (always), the learned opinion, Wang et al.'s latent search, the inter-source agreement and the VAE reconstruction.
+FUSED_OPINIONS = ("predicted_dsc", LEARNED_DSC, LATENT_SEARCH_COLUMN, AGREEMENT_COLUMN, VAE_RECON_COLUMN)
 
-    A linear regression of the real DSC on the two opinions (nnQC's predicted DSC and the learned DSC), clipped to
-    [0, 1]: labelled rows get out-of-fold predictions (folds grouped by subject), the others the regression fitted
-    on every labelled row. With fewer than :data:`MIN_SUBJECTS` labelled subjects nothing can be fitted honestly:
-    the combined score is the plain mean of the two opinions, and the info says so.
+
+def fused_opinions(subjects: pd.DataFrame) -> list[str]:
+    """The :data:`FUSED_OPINIONS` the subjects table has at least one value of."""
+    return [c for c in FUSED_OPINIONS if c in subjects and subjects[c].notna().any()]
+
+
+def subject_folds(subjects: np.ndarray) -> dict[object, int]:
+    """Subject -> fold (at most :data:`MAX_FOLDS`, balanced by sorted name, deterministic)."""
+    names = sorted(set(subjects.tolist()), key=str)
+    n_folds = min(MAX_FOLDS, len(names))
+    return {name: i % n_folds for i, name in enumerate(names)}
+
+
+def fusion_regression(x: np.ndarray, y: np.ndarray) -> LinearRegression:
+    """The linear regression of y on the columns of x; on too few rows for them (fewer than two per coefficient),
+    on the first column (nnQC's predicted DSC) alone, its coefficients padded with zeros."""
+    if len(y) >= 2 * (x.shape[1] + 1) or x.shape[1] == 1:
+        return LinearRegression().fit(x, y)
+    first = LinearRegression().fit(x[:, :1], y)
+    first.coef_ = np.concatenate([first.coef_, np.zeros(x.shape[1] - 1)])
+    first.n_features_in_ = x.shape[1]
+    return first
+
+
+def combine_label(rows: pd.DataFrame, opinions: list[str] | None = None) -> tuple[np.ndarray, dict[str, object]]:
+    """``combined_dsc`` of the rows of one label (columns subject, real_dsc and the ``opinions``, by default
+    :func:`fused_opinions`; the first is nnQC's predicted DSC, which every scored row has).
+
+    A linear regression of the real DSC on the opinions, clipped to [0, 1]. A row is scored with the opinions it has
+    (the agreement is missing where a subject has no other real segmenter): each pattern of available opinions gets
+    its own regression, fitted on the labelled rows that have all of them. Labelled rows get out-of-fold predictions
+    (folds by subject, :func:`subject_folds`: no row is scored by a fit that saw its subject); the others the
+    regression fitted on every labelled row. With fewer than :data:`MIN_SUBJECTS` labelled subjects nothing can be
+    fitted honestly: the combined score is the plain mean of the row's opinions, and the info says so.
     """
-    features = rows[["predicted_dsc", LEARNED_DSC]].to_numpy(dtype=float)
+    opinions = list(opinions) if opinions is not None else fused_opinions(rows)
+    features = rows[opinions].to_numpy(dtype=float)
+    available = np.isfinite(features)
+    usable = available[:, 0]
     real = rows["real_dsc"].to_numpy(dtype=float)
-    usable = np.isfinite(features).all(axis=1)
+    subjects = rows["subject"].to_numpy()
     labelled = usable & np.isfinite(real)
-    groups = rows["subject"].to_numpy()[labelled]
-    n_subjects = len(set(groups))
+    n_subjects = len(set(subjects[labelled].tolist()))
     out = np.full(len(rows), np.nan)
     if n_subjects < MIN_SUBJECTS:
-        out[usable] = features[usable].mean(axis=1)
-        return out, {"fitted": False, "method": "mean of predicted_dsc and learned_dsc (not fitted)",
+        out[usable] = np.nanmean(features[usable], axis=1)
+        return out, {"fitted": False, "method": f"mean of {', '.join(opinions)} (not fitted)",
                      "reason": f"{n_subjects} labelled subjects (< {MIN_SUBJECTS})"}
-    x, y = features[labelled], real[labelled]
-    oof, n_folds = out_of_fold(x, y, groups, LinearRegression)
-    out[labelled] = oof
-    rest = usable & ~labelled
-    model = LinearRegression().fit(x, y)
-    if rest.any():
-        out[rest] = model.predict(features[rest])
-    info = {"fitted": True, "method": "linear regression of the real DSC on predicted_dsc and learned_dsc",
-            "coefficients": {"predicted_dsc": float(model.coef_[0]), LEARNED_DSC: float(model.coef_[1]),
-                             "intercept": float(model.intercept_)},
-            "labelled_rows": int(labelled.sum()), "labelled_subjects": n_subjects, "folds": n_folds,
-            "cross_validated": CROSS_VALIDATED}
+    folds = subject_folds(subjects[labelled])
+    fold = np.array([folds[s] if lab else -1 for s, lab in zip(subjects, labelled, strict=True)])
+    coefficients: dict[str, dict[str, float]] = {}
+    for pattern in sorted({tuple(a) for a in available[usable]}, reverse=True):
+        columns = np.flatnonzero(pattern)
+        x = features[:, columns]
+        targets = usable & (available == np.array(pattern)).all(axis=1)
+        fit_rows = labelled & available[:, columns].all(axis=1)
+        for k in sorted(set(fold[targets & labelled].tolist())):
+            train, scored = fit_rows & (fold != k), targets & labelled & (fold == k)
+            out[scored] = fusion_regression(x[train], real[train]).predict(x[scored])
+        model = fusion_regression(x[fit_rows], real[fit_rows])
+        rest = targets & ~labelled
+        if rest.any():
+            out[rest] = model.predict(x[rest])
+        coefficients["+".join(opinions[c] for c in columns)] = {
+            **{opinions[c]: float(w) for c, w in zip(columns, model.coef_, strict=True)},
+            "intercept": float(model.intercept_), "rows": int(targets.sum())}
+    info = {"fitted": True, "method": f"linear regression of the real DSC on {', '.join(opinions)} (those a row has)",
+            "coefficients": coefficients, "labelled_rows": int(labelled.sum()), "labelled_subjects": n_subjects,
+            "folds": len(set(folds.values())), "cross_validated": CROSS_VALIDATED}
     return np.clip(out, 0.0, 1.0), info
 
 
 def combine(subjects: pd.DataFrame) -> tuple[pd.Series, dict[str, dict[str, object]]]:
-    """``combined_dsc`` for every row of the subjects table (all NaN without ``learned_dsc``) and, per label, how it
-    was fitted (:func:`combine_label`)."""
+    """``combined_dsc`` for every row of the subjects table and, per label, how it was fitted
+    (:func:`combine_label`); all NaN where the report has fewer than two opinions to fuse."""
     combined = pd.Series(np.nan, index=subjects.index, name=COMBINED_COLUMN)
+    opinions = fused_opinions(subjects)
+    if len(opinions) < 2:
+        return combined, {"all": {"fitted": False, "reason": f"fewer than two opinions to fuse ({opinions})"}}
     info: dict[str, dict[str, object]] = {}
-    if LEARNED_DSC not in subjects or subjects[LEARNED_DSC].isna().all():
-        return combined, {"all": {"fitted": False, "reason": "no learned opinion"}}
     for label, rows in subjects.groupby("label", sort=True):
-        values, info[str(label)] = combine_label(rows)
+        values, info[str(label)] = combine_label(rows, opinions)
         combined.loc[rows.index] = values
-    log.info("combined score: %s", {k: v.get("coefficients", v.get("reason")) for k, v in info.items()})
+    log.info("combined score (%s): %s", "+".join(opinions),
+             {k: v.get("labelled_subjects", v.get("reason")) for k, v in info.items()})
     return combined, info
 
 

@@ -44,8 +44,9 @@ METHODS = {"nnqc": "predicted_dsc", "calibrated": CALIBRATED_COLUMN, "learned": 
            "combined": COMBINED_COLUMN, "agreement": AGREEMENT_COLUMN, "vae_recon": VAE_RECON_COLUMN,
            "latent_search": LATENT_SEARCH_COLUMN}
 # The QC opinions the config's ``methods`` chooses from -> the report columns that exist only with it. nnQC is the
-# report's backbone (verdicts, selection, review lists and error regions act on its pGT): it is always on.
-OPINION_COLUMNS = {"nnqc": (), "learned": (LEARNED_DSC, LEARNED_NSD, COMBINED_COLUMN),
+# report's backbone (verdicts, selection, review lists and error regions act on its pGT): it is always on. The
+# fusion of the opinions (``combined_dsc``) exists with at least two of them.
+OPINION_COLUMNS = {"nnqc": (), "learned": (LEARNED_DSC, LEARNED_NSD),
                    "vae_recon": (VAE_RECON_COLUMN,), "agreement": (AGREEMENT_COLUMN,),
                    "latent_search": (LATENT_SEARCH_COLUMN,)}
 OPINIONS = tuple(OPINION_COLUMNS)
@@ -77,11 +78,13 @@ NO_LABELS_NOTE = ("no candidate has a real DSC (no labelled subject): the board 
 
 
 def left_out_columns(methods: Sequence[str]) -> list[str]:
-    """The report columns of the opinions not in ``methods`` (a subset of :data:`OPINIONS` with ``nnqc``)."""
+    """The report columns of the opinions not in ``methods`` (a subset of :data:`OPINIONS` with ``nnqc``), and
+    ``combined_dsc`` with fewer than two opinions to fuse."""
     unknown = sorted(set(methods) - set(OPINIONS))
     if unknown or "nnqc" not in methods:
         raise ValueError(f"methods {list(methods)}: must include nnqc and name only {list(OPINIONS)}")
-    return [column for method, columns in OPINION_COLUMNS.items() if method not in methods for column in columns]
+    left_out = [column for method, columns in OPINION_COLUMNS.items() if method not in methods for column in columns]
+    return left_out + ([COMBINED_COLUMN] if len(set(methods)) < 2 else [])
 
 
 def is_user_source(source: str) -> bool:

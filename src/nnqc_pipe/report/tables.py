@@ -366,17 +366,18 @@ def _source_counts(rows: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------
 
 
-def add_predictors(subjects: pd.DataFrame, agreement: pd.DataFrame | None
+def add_predictors(subjects: pd.DataFrame, agreement: pd.DataFrame | None, left_out: Sequence[str] = ()
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, object]]]:
     """The subject rows with ``calibrated_dsc`` (isotonic map fitted on the labelled rows, cross-validated), the
-    inter-source agreement baseline (null where not computed) and ``combined_dsc`` (nnQC and the learned opinion,
-    fitted out of fold); also how the calibration and the combination were fitted."""
+    inter-source agreement baseline (null where not computed) and ``combined_dsc`` (the opinions fused, fitted out
+    of fold; the ``left_out`` opinion columns never take part); also how the calibration and the combination were
+    fitted."""
     subjects = subjects.drop(columns=[AGREEMENT_COLUMN], errors="ignore")
     if agreement is not None and not agreement.empty:
         subjects = subjects.merge(agreement, on=["subject", "source", "label"], how="left")
     subjects = subjects.reset_index(drop=True)
     subjects[CALIBRATED_COLUMN], calibration = calibrate(subjects)
-    subjects[COMBINED_COLUMN], combination = combine(subjects)
+    subjects[COMBINED_COLUMN], combination = combine(subjects.drop(columns=list(left_out), errors="ignore"))
     return subjects, {"calibration": calibration, "combined": combination}
 
 
@@ -447,7 +448,8 @@ def write_report(
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
     left_out = left_out_columns(methods)
     if VERDICT_SCORES.get(verdict_score) in left_out:
-        raise ValueError(f"report.verdict_score {verdict_score!r} needs the learned opinion in methods")
+        raise ValueError(f"report.verdict_score {verdict_score!r} needs its opinion in methods (combined: at least "
+                         "two opinions)")
     scores = concat_parquet(scores_paths)
     if scores.empty:
         raise ValueError(f"cohort {cohort!r}: no score rows in {len(scores_paths)} scores files")
@@ -458,7 +460,7 @@ def write_report(
     if ood_inputs is not None:
         records, fingerprint = ood_inputs
         ood = ood_table(dict(records), fingerprint, scores[scores["level"] == "volume"])
-    subjects, fits = add_predictors(subject_rows(scores, ood), agreement)
+    subjects, fits = add_predictors(subject_rows(scores, ood), agreement, left_out)
     subjects = apply_verdicts(subjects, qc_pass_dsc, thresholds, verdict_score)
     tables = {"subjects": subjects.drop(columns=left_out),
               "slices": build_slices(scores).drop(columns=left_out, errors="ignore")}
