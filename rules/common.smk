@@ -209,7 +209,10 @@ if config["report"]["verdict_score"] == "learned" and not LEARNED:
         "bundle exported with qcnet.pt)"
     )
 # combined_dsc fuses the opinions in methods: it needs two of them.
-if "combined" in (config["report"]["verdict_score"], config["selection"]["score"]) and len(METHODS) < 2:
+if (
+    "combined" in (config["report"]["verdict_score"], config["selection"]["score"])
+    and len(METHODS) < 2
+):
     raise WorkflowError(
         "report.verdict_score/selection.score: combined fuses the opinions in methods and needs at least two: "
         f"methods is {METHODS}"
