@@ -119,12 +119,14 @@ def test_reuse_exported_model_without_training(partial_run, bundle, tmp_path):
     assert set(common.get_level_values("subject")) == set(UNLABELLED)
     np.testing.assert_allclose(here[common], there[common], atol=0.02)
     # the bundle carries the learned opinion: same network, same candidates, same learned DSC; without labels the
-    # combined score cannot be fitted and is the plain mean of the two opinions
+    # combined score cannot be fitted and is the plain mean of the opinions (the agreement has no other source here)
     assert (bundle / "qcnet.pt").is_file() and (out / "models" / "qcnet.pt").is_file()
     learned_here = subjects.set_index(keys).learned_dsc
     learned_there = pd.read_parquet(partial_run / "report/subjects.parquet").set_index(keys).learned_dsc
     np.testing.assert_allclose(learned_here[common], learned_there[common], atol=1e-6)
-    np.testing.assert_allclose(subjects.combined_dsc, (subjects.predicted_dsc + subjects.learned_dsc) / 2)
+    opinions = subjects[["predicted_dsc", "learned_dsc", "baseline_vae_recon_dsc"]]
+    assert opinions.notna().all().all() and subjects.baseline_agreement_dsc.isna().all()
+    np.testing.assert_allclose(subjects.combined_dsc, opinions.mean(axis=1))
     # no labels: the methods board is empty and says so; the report shows each method's predicted distribution
     board = pd.read_parquet(out / "report/methods.parquet")
     assert board.empty and "no labelled subject" in read_parquet_metadata(out / "report/methods.parquet")["note"]
