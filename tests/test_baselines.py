@@ -20,6 +20,7 @@ from nnqc_pipe.qc.calibration import (
     CALIBRATED_COLUMN,
     MIN_SOURCE_SUBJECTS,
     MIN_SUBJECTS,
+    PRIOR_METHOD,
     calibrate,
     calibrate_label,
 )
@@ -106,6 +107,21 @@ def test_calibration_needs_enough_subjects_and_maps_unlabelled_rows():
     values, info = calibrate(rows)
     assert values.name == CALIBRATED_COLUMN and np.isfinite(values.iloc[-1]) and info["foreground"]["fitted"]
     assert 0.5 < values.iloc[-1] <= 0.7  # the 0.1 under-estimate is undone for the unlabelled row
+
+
+def test_a_cohort_without_labels_uses_the_qc_models_map():
+    """The map of a labelled cohort (``map``, what a bundle carries) applied where a cohort has too few labels."""
+    trained = pd.concat([_calibration_rows(8), pd.DataFrame({"subject": ["new"] * 3, "predicted_dsc": [0.2, 0.5, 0.9],
+                                                             "real_dsc": np.nan})], ignore_index=True)
+    values, info = calibrate_label(trained)
+    prior = info["map"]
+    assert sorted(prior) == ["x", "y"] and np.all(np.diff(prior["y"]) >= 0)
+    unlabelled = pd.DataFrame({"subject": ["a", "b", "c"], "predicted_dsc": [0.2, 0.5, 0.9], "real_dsc": np.nan})
+    transferred, how = calibrate_label(unlabelled, prior)
+    np.testing.assert_allclose(transferred, values[-3:])  # what the labelled cohort's own map gives them
+    assert not how["fitted"] and how["method"] == PRIOR_METHOD and "0 labelled subjects" in how["reason"]
+    column, per_label = calibrate(unlabelled.assign(label="foreground"), {"other_label": prior})
+    assert column.isna().all() and "method" not in per_label["foreground"]  # a map of another label is not used
 
 
 def test_real_segmenters_get_their_own_map_synthetic_sources_the_pooled_one():

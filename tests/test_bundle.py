@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+import pandas as pd
 import pytest
 
 from nnqc_pipe.cli import build_parser, main
 from nnqc_pipe.config import validate_config
-from nnqc_pipe.data.io import file_sha256, read_json, write_json
+from nnqc_pipe.data.io import file_sha256, read_json, write_json, write_parquet
 from nnqc_pipe.models.bundle import (
     BUNDLE_FILES,
     MANIFEST,
@@ -174,3 +175,35 @@ def test_export_model_command(tmp_path, capsys):
     assert main(["export-model", str(results), str(tmp_path / "b")]) == 2  # exists: refused with a message
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["export-model"]
     assert all(action.help for action in sub._actions)
+
+
+def fake_report(results, checkpoints):
+    """The report's subjects table of a labelled cohort: its metadata holds the fitted calibration and fusion."""
+    fits = {"calibration": {"foreground": {"fitted": True, "map": {"x": [0.1, 0.9], "y": [0.2, 0.95]},
+                                           "per_source": {"unet": {"fitted": True}}},
+                            "wall": {"fitted": False, "reason": "3 labelled subjects (< 5)"}},
+            "combined": {"foreground": {"fitted": True, "coefficients": {"predicted_dsc+learned_dsc": {
+                "predicted_dsc": 0.7, "learned_dsc": 0.3, "intercept": 0.01, "rows": 40}}}}}
+    (results / "report").mkdir()
+    write_parquet(pd.DataFrame({"subject": ["s1"]}), results / "report" / "subjects.parquet",
+                  {"checkpoints": checkpoints, **fits})
+
+
+def test_the_training_cohorts_fits_travel_with_the_bundle(tmp_path, caplog):
+    """export-model carries the report's calibration map and fusion (the fitted labels only) when the report was
+    written with the exported networks; a cohort importing the bundle finds them in its model card."""
+    results = fake_results(tmp_path / "results" / "heart")
+    fake_report(results, read_json(results / "models" / "model_card.json")["checkpoints"])
+    assert main(["export-model", str(results), str(tmp_path / "b")]) == 0
+    fits = read_bundle(tmp_path / "b")["fits"]
+    assert fits == {"calibration": {"foreground": {"x": [0.1, 0.9], "y": [0.2, 0.95]}},
+                    "combined": {"foreground": {"coefficients": {"predicted_dsc+learned_dsc": {
+                        "predicted_dsc": 0.7, "learned_dsc": 0.3, "intercept": 0.01, "rows": 40}}}}}
+    out = tmp_path / "results" / "reuse"
+    import_bundle(tmp_path / "b", out / "models", out / "fingerprint.json", out / "plan.json")
+    assert read_json(out / "models" / "model_card.json")["qc_model"]["fits"] == fits
+    # a report written with other networks is stale: nothing is carried, and the log says why
+    stale = fake_results(tmp_path / "results" / "other")
+    fake_report(stale, {"vae.pt": "0" * 64})
+    assert main(["export-model", str(stale), str(tmp_path / "c")]) == 0
+    assert "fits" not in read_bundle(tmp_path / "c") and "written with other networks (vae.pt)" in caplog.text

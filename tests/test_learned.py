@@ -27,7 +27,7 @@ from nnqc_pipe.models.qcnet import (
     volume_dsc,
 )
 from nnqc_pipe.models.segmenter import SegmenterTrainer, prediction_key
-from nnqc_pipe.qc.calibration import combine, combine_label, fusion_regression
+from nnqc_pipe.qc.calibration import PRIOR_METHOD, combine, combine_label, fusion_regression
 from nnqc_pipe.qc.learned import estimated_truth, learned_dice, learned_slice_counts, real_group_scores
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -305,6 +305,28 @@ def test_combined_score_uses_the_opinions_each_row_has():
     own = (leaked["subject"] == "s7").to_numpy()
     leaked.loc[own, "real_dsc"] = 0.0
     np.testing.assert_allclose(combine_label(leaked)[0][own], combined[own])
+
+
+def test_a_cohort_without_labels_fuses_with_the_qc_models_coefficients():
+    """The fusion a bundle carries: each row with the fitted pattern of the most opinions it has; the plain mean
+    where no pattern fits; the same values as the labelled cohort's own fit for its unlabelled rows."""
+    rows = _fusion_rows(n_subjects=12, seed=3)
+    rows["baseline_agreement_dsc"] = rows["real_dsc"] + 0.01
+    rows.loc[rows["subject"] == "s0", "baseline_agreement_dsc"] = np.nan
+    new = rows.iloc[3:7].assign(subject="new", real_dsc=np.nan)  # subjects s1, s2: with the agreement
+    new.loc[new.index[:2], "baseline_agreement_dsc"] = np.nan
+    values, info = combine_label(pd.concat([rows, new], ignore_index=True))
+    prior = {"coefficients": info["coefficients"]}
+    transferred, how = combine_label(new, prior=prior)
+    np.testing.assert_allclose(transferred, values[-4:])
+    assert not how["fitted"] and how["method"] == PRIOR_METHOD and "0 labelled subjects" in how["reason"]
+    only_agreement = {"coefficients": {"predicted_dsc+baseline_agreement_dsc": {
+        "predicted_dsc": 0.5, "baseline_agreement_dsc": 0.5, "intercept": 0.1, "rows": 10}}}
+    fused, _ = combine_label(new, prior=only_agreement)
+    expected_mean = new[["predicted_dsc", "learned_dsc"]].mean(axis=1).to_numpy()[:2]
+    np.testing.assert_allclose(fused[:2], expected_mean)  # no agreement: no pattern fits, the plain mean
+    np.testing.assert_allclose(fused[2:], np.clip(0.1 + 0.5 * new["predicted_dsc"].to_numpy()[2:]
+                                                  + 0.5 * new["baseline_agreement_dsc"].to_numpy()[2:], 0, 1))
 
 
 def test_combined_regression_on_too_few_rows_falls_back_to_nnqc_alone():

@@ -190,7 +190,7 @@ def resolve_command(command: str) -> Callable[..., Any]:
 
         return check
     if command == "export-model":
-        from nnqc_pipe.models.bundle import export_model
+        from nnqc_pipe.stages.models import export_model
 
         return export_model
     return stage_functions()[command]

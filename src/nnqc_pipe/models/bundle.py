@@ -103,8 +103,9 @@ def validation_figures(card: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe(card: dict[str, Any], fingerprint: dict[str, Any], training_cohort: str,
-             expert_checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The content of ``bundle.json``."""
+             expert_checkpoint: str | os.PathLike | None = None, fits: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """The content of ``bundle.json`` (with ``fits``: the training cohort's calibration and fusion, when given)."""
     names = dict(zip(fingerprint["label_values"], fingerprint["label_names"], strict=True))
     return {
         "format": BUNDLE_FORMAT,
@@ -120,6 +121,7 @@ def describe(card: dict[str, Any], fingerprint: dict[str, Any], training_cohort:
         "conditioning_mode": card["conditioning_mode"],
         "expert": expert_identity(card["encoder"], expert_checkpoint),
         "validation": validation_figures(card),
+        **({"fits": fits} if fits else {}),
     }
 
 
@@ -150,8 +152,11 @@ def write_manifest(folder: Path) -> None:
 
 
 def export_model(results_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False,
-                 expert_checkpoint: str | os.PathLike | None = None) -> Path:
+                 expert_checkpoint: str | os.PathLike | None = None, fits: dict[str, Any] | None = None) -> Path:
     """Write the bundle of a cohort's trained model to ``out`` (a new folder; ``force`` replaces one).
+
+    ``fits``: the training cohort's calibration map and opinion fusion (``bundle.json``'s ``fits``), which a cohort
+    without labels of its own applies (:func:`nnqc_pipe.qc.calibration.report_fits` reads them from its report).
 
     The bundle is assembled in a temporary folder next to ``out`` and renamed into place, so ``out`` is either
     complete or absent.
@@ -163,7 +168,7 @@ def export_model(results_dir: str | os.PathLike, out: str | os.PathLike, force: 
     card = read_json(sources["model_card.json"])
     check_card_checksums(card, sources)
     training_cohort = (card.get("qc_model") or {}).get("training_cohort", results.name)
-    description = describe(card, read_json(sources["fingerprint.json"]), training_cohort, expert_checkpoint)
+    description = describe(card, read_json(sources["fingerprint.json"]), training_cohort, expert_checkpoint, fits)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -309,5 +314,6 @@ def import_bundle(bundle_dir: str | os.PathLike, models_dir: str | os.PathLike, 
         "exported": description["exported"],
         "pipeline_version": description["pipeline_version"],
         "manifest_sha256": file_sha256(folder / MANIFEST),
+        **({"fits": description["fits"]} if description.get("fits") else {}),
     }
     write_json(card, Path(models_dir) / "model_card.json")

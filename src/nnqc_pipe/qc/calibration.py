@@ -16,7 +16,9 @@ The same out-of-fold discipline fits ``combined_dsc``, the fusion of nnQC's and 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import GroupKFold
 
+from nnqc_pipe.data.io import read_parquet_metadata
 from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, LATENT_SEARCH_COLUMN, SYNTHETIC_SOURCES, VAE_RECON_COLUMN
 from nnqc_pipe.qc.learned import LEARNED_DSC
 
@@ -43,12 +46,13 @@ def _isotonic() -> IsotonicRegression:
     return IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
 
 
-def calibrate_label(rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, object]]:
+def calibrate_label(rows: pd.DataFrame, prior: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, object]]:
     """Calibrated DSC of the rows of one label (columns subject, predicted_dsc, real_dsc) and how it was fitted.
 
     Labelled rows (both values finite) get out-of-fold predictions (:data:`MAX_FOLDS` folds grouped by subject);
-    the others the map fitted on all labelled rows. Fewer than :data:`MIN_SUBJECTS` labelled subjects: no map
-    (all NaN), and the reason is returned.
+    the others the map fitted on all labelled rows (returned as ``map``: its thresholds ``x`` -> ``y``). Fewer
+    than :data:`MIN_SUBJECTS` labelled subjects: the ``prior`` map (a QC model's training cohort's, the ``map``
+    of its report) where given, else no map (all NaN); the reason is returned.
     """
     predicted = rows["predicted_dsc"].to_numpy(dtype=float)
     real = rows["real_dsc"].to_numpy(dtype=float)
@@ -57,16 +61,27 @@ def calibrate_label(rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, object]]:
     n_subjects = len(set(groups))
     out = np.full(len(rows), np.nan)
     if n_subjects < MIN_SUBJECTS:
-        return out, {"fitted": False, "reason": f"{n_subjects} labelled subjects (< {MIN_SUBJECTS})"}
+        reason = f"{n_subjects} labelled subjects (< {MIN_SUBJECTS})"
+        if prior is None:
+            return out, {"fitted": False, "reason": reason}
+        usable = np.isfinite(predicted)
+        out[usable] = np.interp(predicted[usable], prior["x"], prior["y"])
+        return out, {"fitted": False, "reason": reason, "method": PRIOR_METHOD}
     x, y = predicted[labelled], real[labelled]
     out[labelled], n_folds = out_of_fold(x, y, groups, _isotonic)
     rest = ~labelled & np.isfinite(predicted)
+    full = _isotonic().fit(x, y)
     if rest.any():
-        out[rest] = _isotonic().fit(x, y).predict(predicted[rest])
+        out[rest] = full.predict(predicted[rest])
     info = {"fitted": True, "method": "isotonic regression, predicted -> real DSC",
             "labelled_rows": int(labelled.sum()), "labelled_subjects": n_subjects,
-            "folds": n_folds, "cross_validated": CROSS_VALIDATED}
+            "folds": n_folds, "cross_validated": CROSS_VALIDATED,
+            "map": {"x": full.X_thresholds_.tolist(), "y": full.y_thresholds_.tolist()}}
     return out, info
+
+
+# How a cohort with too few labelled subjects of its own scores with a QC model's (qc_model) fits.
+PRIOR_METHOD = "the fit of the QC model's training cohort (qc_model bundle), applied as it is"
 
 
 CROSS_VALIDATED = ("by subject: labelled rows are predicted by a map fitted without their subject; other rows by "
@@ -112,7 +127,28 @@ def fusion_regression(x: np.ndarray, y: np.ndarray) -> LinearRegression:
     return first
 
 
-def combine_label(rows: pd.DataFrame, opinions: list[str] | None = None) -> tuple[np.ndarray, dict[str, object]]:
+def prior_fusion(features: np.ndarray, opinions: list[str], coefficients: dict[str, dict[str, float]]
+                 ) -> np.ndarray:
+    """The fused score of each row from fitted ``coefficients`` (:func:`combine_label`'s, by pattern of opinions):
+    each row with the pattern of the most opinions it has all of; the plain mean of its opinions where none fits."""
+    available = np.isfinite(features)
+    patterns = sorted(((key, key.split("+")) for key in coefficients), key=lambda kv: -len(kv[1]))
+    out = np.full(len(features), np.nan)
+    for i, row in enumerate(features):
+        have = {name for name, ok in zip(opinions, available[i], strict=True) if ok}
+        if not available[i, 0]:
+            continue
+        key, names = next(((k, n) for k, n in patterns if set(n) <= have), (None, None))
+        if key is None:
+            out[i] = np.nanmean(row)
+            continue
+        weights = coefficients[key]
+        out[i] = weights["intercept"] + sum(weights[n] * row[opinions.index(n)] for n in names)
+    return np.clip(out, 0.0, 1.0)
+
+
+def combine_label(rows: pd.DataFrame, opinions: list[str] | None = None, prior: dict[str, Any] | None = None
+                  ) -> tuple[np.ndarray, dict[str, object]]:
     """``combined_dsc`` of the rows of one label (columns subject, real_dsc and the ``opinions``, by default
     :func:`fused_opinions`; the first is nnQC's predicted DSC, which every scored row has).
 
@@ -121,7 +157,8 @@ def combine_label(rows: pd.DataFrame, opinions: list[str] | None = None) -> tupl
     its own regression, fitted on the labelled rows that have all of them. Labelled rows get out-of-fold predictions
     (folds by subject, :func:`subject_folds`: no row is scored by a fit that saw its subject); the others the
     regression fitted on every labelled row. With fewer than :data:`MIN_SUBJECTS` labelled subjects nothing can be
-    fitted honestly: the combined score is the plain mean of the row's opinions, and the info says so.
+    fitted honestly: the combined score applies the ``prior`` coefficients (a QC model's training cohort's,
+    :func:`prior_fusion`) where given, else it is the plain mean of the row's opinions; the info says which.
     """
     opinions = list(opinions) if opinions is not None else fused_opinions(rows)
     features = rows[opinions].to_numpy(dtype=float)
@@ -133,9 +170,12 @@ def combine_label(rows: pd.DataFrame, opinions: list[str] | None = None) -> tupl
     n_subjects = len(set(subjects[labelled].tolist()))
     out = np.full(len(rows), np.nan)
     if n_subjects < MIN_SUBJECTS:
+        reason = f"{n_subjects} labelled subjects (< {MIN_SUBJECTS})"
+        if prior is not None:
+            return prior_fusion(features, opinions, prior["coefficients"]), {
+                "fitted": False, "reason": reason, "method": PRIOR_METHOD, "coefficients": prior["coefficients"]}
         out[usable] = np.nanmean(features[usable], axis=1)
-        return out, {"fitted": False, "method": f"mean of {', '.join(opinions)} (not fitted)",
-                     "reason": f"{n_subjects} labelled subjects (< {MIN_SUBJECTS})"}
+        return out, {"fitted": False, "method": f"mean of {', '.join(opinions)} (not fitted)", "reason": reason}
     folds = subject_folds(subjects[labelled])
     fold = np.array([folds[s] if lab else -1 for s, lab in zip(subjects, labelled, strict=True)])
     coefficients: dict[str, dict[str, float]] = {}
@@ -160,29 +200,33 @@ def combine_label(rows: pd.DataFrame, opinions: list[str] | None = None) -> tupl
     return np.clip(out, 0.0, 1.0), info
 
 
-def combine(subjects: pd.DataFrame) -> tuple[pd.Series, dict[str, dict[str, object]]]:
+def combine(subjects: pd.DataFrame, prior: dict[str, dict[str, Any]] | None = None
+            ) -> tuple[pd.Series, dict[str, dict[str, object]]]:
     """``combined_dsc`` for every row of the subjects table and, per label, how it was fitted
-    (:func:`combine_label`); all NaN where the report has fewer than two opinions to fuse."""
+    (:func:`combine_label`, with the label's ``prior`` fit if any); all NaN where the report has fewer than two
+    opinions to fuse."""
     combined = pd.Series(np.nan, index=subjects.index, name=COMBINED_COLUMN)
     opinions = fused_opinions(subjects)
     if len(opinions) < 2:
         return combined, {"all": {"fitted": False, "reason": f"fewer than two opinions to fuse ({opinions})"}}
     info: dict[str, dict[str, object]] = {}
     for label, rows in subjects.groupby("label", sort=True):
-        values, info[str(label)] = combine_label(rows, opinions)
+        values, info[str(label)] = combine_label(rows, opinions, (prior or {}).get(str(label)))
         combined.loc[rows.index] = values
     log.info("combined score (%s): %s", "+".join(opinions),
              {k: v.get("labelled_subjects", v.get("reason")) for k, v in info.items()})
     return combined, info
 
 
-def calibrate(subjects: pd.DataFrame) -> tuple[pd.Series, dict[str, dict[str, object]]]:
+def calibrate(subjects: pd.DataFrame, prior: dict[str, dict[str, Any]] | None = None
+              ) -> tuple[pd.Series, dict[str, dict[str, object]]]:
     """``calibrated_dsc`` for every row of the subjects table (aligned to its index) and, per label, how it was
-    fitted (for the report metadata; ``per_source`` lists the real segmenters that got a map of their own)."""
+    fitted (for the report metadata; ``per_source`` lists the real segmenters that got a map of their own); a label
+    with too few labelled subjects uses its ``prior`` map if any (:func:`calibrate_label`)."""
     calibrated = pd.Series(np.nan, index=subjects.index, name=CALIBRATED_COLUMN)
     info = {}
     for label, rows in subjects.groupby("label", sort=True):
-        values, info[str(label)] = calibrate_label(rows)
+        values, info[str(label)] = calibrate_label(rows, (prior or {}).get(str(label)))
         calibrated.loc[rows.index] = values
         per_source = {}
         for source, own in (rows.groupby("source", sort=True) if "source" in rows else []):
@@ -198,3 +242,35 @@ def calibrate(subjects: pd.DataFrame) -> tuple[pd.Series, dict[str, dict[str, ob
             info[str(label)]["per_source"] = per_source
     log.info("calibration: %s", {k: v.get("labelled_subjects", v.get("reason")) for k, v in info.items()})
     return calibrated, info
+
+
+def exported_fits(calibration: dict[str, dict[str, Any]], combined: dict[str, dict[str, Any]]
+                  ) -> dict[str, dict[str, Any]]:
+    """What a QC model bundle carries to a cohort without labels of its own, from a report's ``calibration`` and
+    ``combined`` metadata: per fitted label, the pooled isotonic map and the fusion's coefficients (the per-source
+    maps stay: a new cohort has other sources)."""
+    return {"calibration": {label: info["map"] for label, info in calibration.items()
+                            if info.get("fitted") and "map" in info},
+            "combined": {label: {"coefficients": info["coefficients"]} for label, info in combined.items()
+                         if info.get("fitted")}}
+
+
+def report_fits(subjects_parquet: str | os.PathLike, checkpoints: dict[str, str]) -> dict[str, Any] | None:
+    """:func:`exported_fits` of a cohort's report (``report/subjects.parquet``) when it was written with the
+    networks of ``checkpoints`` (a model card's SHA-256 by file name); None, logged, when there is no report, it is
+    stale (other networks) or it fitted nothing."""
+    path = Path(subjects_parquet)
+    if not path.is_file():
+        log.info("no report at %s: the bundle carries no calibration or fusion fit", path)
+        return None
+    meta = read_parquet_metadata(path)
+    stale = sorted(name for name, digest in meta.get("checkpoints", {}).items() if checkpoints.get(name) != digest)
+    if stale:
+        log.warning("%s was written with other networks (%s): the bundle carries no calibration or fusion fit; "
+                    "rerun the report first", path, ", ".join(stale))
+        return None
+    fits = exported_fits(meta.get("calibration") or {}, meta.get("combined") or {})
+    if not any(fits.values()):
+        log.info("the report at %s fitted no calibration or fusion (too few labelled subjects)", path)
+        return None
+    return fits

@@ -366,18 +366,22 @@ def _source_counts(rows: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------
 
 
-def add_predictors(subjects: pd.DataFrame, agreement: pd.DataFrame | None, left_out: Sequence[str] = ()
+def add_predictors(subjects: pd.DataFrame, agreement: pd.DataFrame | None, left_out: Sequence[str] = (),
+                   prior_fits: dict[str, dict[str, Any]] | None = None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, object]]]:
     """The subject rows with ``calibrated_dsc`` (isotonic map fitted on the labelled rows, cross-validated), the
     inter-source agreement baseline (null where not computed) and ``combined_dsc`` (the opinions fused, fitted out
     of fold; the ``left_out`` opinion columns never take part); also how the calibration and the combination were
-    fitted."""
+    fitted. ``prior_fits`` (a QC model's, :func:`nnqc_pipe.qc.calibration.exported_fits`) serve the labels with
+    too few labelled subjects of their own."""
+    prior_fits = prior_fits or {}
     subjects = subjects.drop(columns=[AGREEMENT_COLUMN], errors="ignore")
     if agreement is not None and not agreement.empty:
         subjects = subjects.merge(agreement, on=["subject", "source", "label"], how="left")
     subjects = subjects.reset_index(drop=True)
-    subjects[CALIBRATED_COLUMN], calibration = calibrate(subjects)
-    subjects[COMBINED_COLUMN], combination = combine(subjects.drop(columns=list(left_out), errors="ignore"))
+    subjects[CALIBRATED_COLUMN], calibration = calibrate(subjects, prior_fits.get("calibration"))
+    subjects[COMBINED_COLUMN], combination = combine(subjects.drop(columns=list(left_out), errors="ignore"),
+                                                     prior_fits.get("combined"))
     return subjects, {"calibration": calibration, "combined": combination}
 
 
@@ -426,6 +430,7 @@ def write_report(
     repair_sources: Sequence[str] = (),
     repair_mode: str = "fallback",
     selection_score: str = VERDICT_SELECTION,
+    prior_fits: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Build the report tables from the scores files and write them to ``out_dir``.
 
@@ -460,7 +465,7 @@ def write_report(
     if ood_inputs is not None:
         records, fingerprint = ood_inputs
         ood = ood_table(dict(records), fingerprint, scores[scores["level"] == "volume"])
-    subjects, fits = add_predictors(subject_rows(scores, ood), agreement, left_out)
+    subjects, fits = add_predictors(subject_rows(scores, ood), agreement, left_out, prior_fits)
     subjects = apply_verdicts(subjects, qc_pass_dsc, thresholds, verdict_score)
     tables = {"subjects": subjects.drop(columns=left_out),
               "slices": build_slices(scores).drop(columns=left_out, errors="ignore")}

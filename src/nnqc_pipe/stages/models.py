@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from nnqc_pipe.chunks import fill, record_row, run_chunk, write_chunk_record
-from nnqc_pipe.data.io import PathLike
+from nnqc_pipe.data.io import PathLike, read_json
 from nnqc_pipe.data.plan import read_plan
 from nnqc_pipe.data.split import read_split
+from nnqc_pipe.models import bundle
 from nnqc_pipe.models.bundle import import_bundle, require_expert
+from nnqc_pipe.qc.calibration import report_fits
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,18 @@ def import_model(bundle: PathLike, models_dir: PathLike, fingerprint_out: PathLi
         plan_out: the cohort's plan.json: the plan the model was trained with.
     """
     import_bundle(bundle, models_dir, fingerprint_out, plan_out)
+
+
+def export_model(results_dir: PathLike, out: PathLike, force: bool = False,
+                 expert_checkpoint: PathLike | None = None) -> Path:
+    """``nnqc-pipe export-model``: the bundle of a cohort's trained model (:func:`nnqc_pipe.models.bundle.
+    export_model`) with its report's calibration map and opinion fusion, when the report was written with these
+    networks and fitted them (:func:`nnqc_pipe.qc.calibration.report_fits`), for cohorts without labels."""
+    results = Path(results_dir)
+    card = results / "models" / "model_card.json"
+    checkpoints = read_json(card).get("checkpoints", {}) if card.is_file() else {}
+    fits = report_fits(results / "report" / "subjects.parquet", checkpoints)
+    return bundle.export_model(results, out, force=force, expert_checkpoint=expert_checkpoint, fits=fits)
 
 
 def train_vae(split_tsv: PathLike, preprocessed_dir: PathLike, plan_json: PathLike, settings: dict[str, Any],

@@ -78,7 +78,8 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
                           verdict_score=settings["verdict_score"], methods=methods,
                           repair_sources=settings.get("repair_sources", []),
                           repair_mode=settings["selection"]["repair_sources"],
-                          selection_score=settings["selection"]["score"])
+                          selection_score=settings["selection"]["score"],
+                          prior_fits=(card.get("qc_model") or {}).get("fits"))
     regions = error_region_table(tables["subjects"], candidates, pgt, plan_.slicing_axis)
     if learned:
         regions = pd.concat([regions, error_region_table(tables["subjects"], candidates, learned, plan_.slicing_axis,
