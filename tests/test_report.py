@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nnqc_pipe.data.io import read_parquet_metadata, write_parquet
+from nnqc_pipe.qc.calibration import PRIOR_METHOD
 from nnqc_pipe.qc.columns import scores_schema
 from nnqc_pipe.qc.metrics import FOREGROUND, METRICS
 from nnqc_pipe.qc.score import score_rows
@@ -302,6 +303,26 @@ def _with_learned(scores: pd.DataFrame, wrong_source: str) -> pd.DataFrame:
     out = scores.copy()
     out["learned_dsc"] = np.where(out["source"] == wrong_source, 0.2, out["real_dsc"])
     return out
+
+
+def test_a_cohort_without_labels_applies_the_qc_models_fits(tmp_path: Path) -> None:
+    """A qc_model cohort without ground truth: calibrated_dsc through the bundle's map, combined_dsc with its fusion
+    (labels without a fit of their own stay as they would be: no map, the plain mean)."""
+    scores = _scores(noise=0.02, with_gt=False)
+    paths = _write_scores(scores.assign(learned_dsc=(scores["predicted_dsc"] - 0.1).clip(0, 1)), tmp_path)
+    fits = {"calibration": {FOREGROUND: {"x": [0.0, 1.0], "y": [0.1, 0.9]}},
+            "combined": {FOREGROUND: {"coefficients": {"predicted_dsc+learned_dsc": {
+                "predicted_dsc": 0.25, "learned_dsc": 0.75, "intercept": 0.0, "rows": 50}}}}}
+    subjects = write_report(paths, tmp_path / "report", COHORT, 0.8, METADATA, methods=["nnqc", "learned"],
+                            prior_fits=fits)["subjects"]
+    assert subjects["real_dsc"].isna().all()
+    fg, other = subjects[subjects["label"] == FOREGROUND], subjects[subjects["label"] != FOREGROUND]
+    np.testing.assert_allclose(fg["calibrated_dsc"], 0.1 + 0.8 * fg["predicted_dsc"])
+    np.testing.assert_allclose(fg["combined_dsc"], 0.25 * fg["predicted_dsc"] + 0.75 * fg["learned_dsc"])
+    assert other["calibrated_dsc"].isna().all()
+    np.testing.assert_allclose(other["combined_dsc"], (other["predicted_dsc"] + other["learned_dsc"]) / 2)
+    meta = read_parquet_metadata(tmp_path / "report" / "subjects.parquet")
+    assert meta["combined"][FOREGROUND]["method"] == meta["calibration"][FOREGROUND]["method"] == PRIOR_METHOD
 
 
 def test_verdict_score_chooses_the_opinion_the_verdicts_act_on(tmp_path: Path) -> None:
