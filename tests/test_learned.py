@@ -27,7 +27,14 @@ from nnqc_pipe.models.qcnet import (
     volume_dsc,
 )
 from nnqc_pipe.models.segmenter import SegmenterTrainer, prediction_key
-from nnqc_pipe.qc.calibration import PRIOR_METHOD, combine, combine_label, fusion_regression
+from nnqc_pipe.qc.calibration import (
+    MIN_SOURCE_SUBJECTS,
+    PRIOR_METHOD,
+    combine,
+    combine_label,
+    exported_fits,
+    fusion_regression,
+)
 from nnqc_pipe.qc.learned import estimated_truth, learned_dice, learned_slice_counts, real_group_scores
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -327,6 +334,36 @@ def test_a_cohort_without_labels_fuses_with_the_qc_models_coefficients():
     np.testing.assert_allclose(fused[:2], expected_mean)  # no agreement: no pattern fits, the plain mean
     np.testing.assert_allclose(fused[2:], np.clip(0.1 + 0.5 * new["predicted_dsc"].to_numpy()[2:]
                                                   + 0.5 * new["baseline_agreement_dsc"].to_numpy()[2:], 0, 1))
+
+
+def test_real_segmenters_get_a_fusion_of_their_own():
+    """nnQC rates the manual mask and the degradations low but the real segmenters' masks right: one regression over
+    every candidate would over-rate the real masks, so with enough labelled subjects they get their own fit (out of
+    fold, like the pooled one), and the bundle carries that one."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for s in range(MIN_SOURCE_SUBJECTS):
+        for source, real in (("gt", 1.0), ("degraded_L2", rng.uniform(0.5, 0.7)), ("unet", rng.uniform(0.6, 0.9)),
+                             ("atlas", rng.uniform(0.4, 0.8))):
+            synthetic = source.startswith(("gt", "degraded"))
+            predicted = (0.8 * real if synthetic else real) + rng.normal(0, 0.01)
+            rows.append({"subject": f"s{s}", "source": source, "label": "foreground", "real_dsc": real,
+                         "predicted_dsc": predicted, "learned_dsc": real + rng.normal(0, 0.1)})
+    rows = pd.DataFrame(rows)
+    combined, info = combine(rows)
+    users = rows["source"].isin(["unet", "atlas"]).to_numpy()
+    error = np.abs(combined.to_numpy() - rows["real_dsc"].to_numpy())
+    pooled, _ = combine_label(rows)
+    assert error[users].mean() < 0.02 < np.abs(pooled - rows["real_dsc"].to_numpy())[users].mean()
+    own = info["foreground"]["user_sources"]
+    assert own["labelled_subjects"] == MIN_SOURCE_SUBJECTS and own["labelled_rows"] == users.sum()
+    leaked = rows.copy()
+    mine = ((leaked["subject"] == "s4") & users).to_numpy()
+    leaked.loc[mine, "real_dsc"] = 0.0
+    np.testing.assert_allclose(combine(leaked)[0].to_numpy()[mine], combined.to_numpy()[mine])
+    assert exported_fits({}, info)["combined"]["foreground"]["coefficients"] == own["coefficients"]
+    few = rows[rows["subject"] != "s0"]  # one subject short: every row keeps the pooled fit
+    assert "user_sources" not in combine(few)[1]["foreground"]
 
 
 def test_combined_regression_on_too_few_rows_falls_back_to_nnqc_alone():

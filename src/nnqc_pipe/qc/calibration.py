@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 CALIBRATED_COLUMN = "calibrated_dsc"
 COMBINED_COLUMN = "combined_dsc"
 MIN_SUBJECTS = 5
-# A map of one model's own: on ACDC, 8 labelled subjects per model gave out-of-fold maps that reversed the order
-# inside the model (within-model r -0.2); 20 (hippocampus) did not.
+# A map of one model's own (and the real segmenters' own fusion): on ACDC, 8 labelled subjects per model gave
+# out-of-fold maps that reversed the order inside the model (within-model r -0.2); 20 (hippocampus) did not.
 MIN_SOURCE_SUBJECTS = 12
 MAX_FOLDS = 5
 
@@ -204,7 +204,13 @@ def combine(subjects: pd.DataFrame, prior: dict[str, dict[str, Any]] | None = No
             ) -> tuple[pd.Series, dict[str, dict[str, object]]]:
     """``combined_dsc`` for every row of the subjects table and, per label, how it was fitted
     (:func:`combine_label`, with the label's ``prior`` fit if any); all NaN where the report has fewer than two
-    opinions to fuse."""
+    opinions to fuse.
+
+    The real segmenters' rows (the user sources: not ``gt``, not ``degraded_*``) get a fusion of their own, fitted
+    on their labelled rows only, once those cover :data:`MIN_SOURCE_SUBJECTS` subjects (``user_sources`` in the
+    info): fitted over every candidate, the regression must lift the manual mask and the degradations, which nnQC
+    rates low, and so over-rates the good masks of real segmenters (docs/method.md, "Fusing every opinion").
+    """
     combined = pd.Series(np.nan, index=subjects.index, name=COMBINED_COLUMN)
     opinions = fused_opinions(subjects)
     if len(opinions) < 2:
@@ -213,6 +219,10 @@ def combine(subjects: pd.DataFrame, prior: dict[str, dict[str, Any]] | None = No
     for label, rows in subjects.groupby("label", sort=True):
         values, info[str(label)] = combine_label(rows, opinions, (prior or {}).get(str(label)))
         combined.loc[rows.index] = values
+        users = rows[~rows["source"].astype(str).str.startswith(SYNTHETIC_SOURCES)] if "source" in rows else rows[:0]
+        if users.loc[users["real_dsc"].notna(), "subject"].nunique() >= MIN_SOURCE_SUBJECTS:
+            own_values, info[str(label)]["user_sources"] = combine_label(users, opinions)
+            combined.loc[users.index] = own_values
     log.info("combined score (%s): %s", "+".join(opinions),
              {k: v.get("labelled_subjects", v.get("reason")) for k, v in info.items()})
     return combined, info
@@ -247,12 +257,13 @@ def calibrate(subjects: pd.DataFrame, prior: dict[str, dict[str, Any]] | None = 
 def exported_fits(calibration: dict[str, dict[str, Any]], combined: dict[str, dict[str, Any]]
                   ) -> dict[str, dict[str, Any]]:
     """What a QC model bundle carries to a cohort without labels of its own, from a report's ``calibration`` and
-    ``combined`` metadata: per fitted label, the pooled isotonic map and the fusion's coefficients (the per-source
-    maps stay: a new cohort has other sources)."""
+    ``combined`` metadata: per fitted label, the pooled isotonic map and the fusion's coefficients, those of the
+    real segmenters' own fusion where there is one (a new cohort's candidates are real segmenters' masks; the
+    per-source maps stay: a new cohort has other sources)."""
     return {"calibration": {label: info["map"] for label, info in calibration.items()
                             if info.get("fitted") and "map" in info},
-            "combined": {label: {"coefficients": info["coefficients"]} for label, info in combined.items()
-                         if info.get("fitted")}}
+            "combined": {label: {"coefficients": info.get("user_sources", info)["coefficients"]}
+                         for label, info in combined.items() if info.get("fitted")}}
 
 
 def report_fits(subjects_parquet: str | os.PathLike, checkpoints: dict[str, str]) -> dict[str, Any] | None:
