@@ -9,8 +9,9 @@ labelled row gets the prediction of a map fitted *without its subject* (K-fold b
 truth get the map fitted on every labelled row. ``calibrated_dsc`` sits next to ``predicted_dsc``, never
 replacing it.
 
-The same out-of-fold discipline fits ``combined_dsc``, the fusion of nnQC's and the learned opinion
-(:func:`combine`).
+The same out-of-fold discipline fits ``combined_dsc``, the fusion of every opinion the report computes
+(:func:`combine`). A cohort reusing a QC model without labels of its own applies its training cohort's map and
+fusion (:func:`exported_fits`, carried by the bundle).
 """
 
 from __future__ import annotations
@@ -135,9 +136,9 @@ def prior_fusion(features: np.ndarray, opinions: list[str], coefficients: dict[s
     patterns = sorted(((key, key.split("+")) for key in coefficients), key=lambda kv: -len(kv[1]))
     out = np.full(len(features), np.nan)
     for i, row in enumerate(features):
-        have = {name for name, ok in zip(opinions, available[i], strict=True) if ok}
         if not available[i, 0]:
             continue
+        have = {name for name, ok in zip(opinions, available[i], strict=True) if ok}
         key, names = next(((k, n) for k, n in patterns if set(n) <= have), (None, None))
         if key is None:
             out[i] = np.nanmean(row)

@@ -1,7 +1,7 @@
 """The methods board: every QC method of the report against the real quality, on the same candidates.
 
 Methods (:data:`METHODS`) are the report's scores of a candidate's DSC: nnQC's ``predicted_dsc`` and its
-cross-validated ``calibrated_dsc``, the learned opinion and its fusion with nnQC, Wang et al.'s latent search and
+cross-validated ``calibrated_dsc``, the learned opinion, the fusion of the opinions, Wang et al.'s latent search and
 the two baselines; a method is on the board when its column exists and has a value. Pools of candidates
 (:func:`pools`): ``all``, ``all_real`` (the user's sources: not ``gt``, not ``degraded_*``), ``all_degraded``,
 ``best_real`` (the user's source with the highest mean real DSC of the label, alone) and each source. Only

@@ -298,7 +298,7 @@ def build_summary(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame
 
 
 # Other predictors of the real DSC in the summary, each a row ``metric`` of its own: the calibrated nnQC score, the
-# two baselines (inter-source agreement, VAE reconstruction), the learned opinion and its fusion with nnQC, and the
+# two baselines (inter-source agreement, VAE reconstruction), the learned opinion, the fusion of the opinions, and the
 # latent search (nnqc_pipe.qc.calibration, nnqc_pipe.qc.baselines, nnqc_pipe.qc.learned).
 EXTRA_PREDICTORS = {"calibrated_dsc": CALIBRATED_COLUMN, "agreement_dsc": AGREEMENT_COLUMN,
                     "vae_recon_dsc": VAE_RECON_COLUMN, "learned_dsc": LEARNED_DSC, "combined_dsc": COMBINED_COLUMN,
