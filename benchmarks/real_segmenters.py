@@ -76,6 +76,7 @@ from nnqc_pipe.chunks import fill
 from nnqc_pipe.config import discover_subjects, label_map
 from nnqc_pipe.data.io import read_json, read_parquet_metadata, write_json, write_nifti
 from nnqc_pipe.dice import dice
+from nnqc_pipe.qc.calibration import pass_thresholds
 from nnqc_pipe.qc.decisions import VerdictThresholds
 from nnqc_pipe.qc.metrics import FOREGROUND
 from nnqc_pipe.report.methods import ALL_DEGRADED, ALL_REAL, ALL_SOURCES, BEST_REAL, build_methods, is_user_source
@@ -557,14 +558,18 @@ def target_checks(table: pd.DataFrame, result: dict[str, Any]) -> list[dict[str,
 
 def review_shares(subjects: pd.DataFrame, meta: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per verdict score the report can act on: the share of real models' masks of real DSC >= ``pass_dsc`` sent
-    to REVIEW or FAIL, and of those of real DSC < ``fail_dsc`` (the report's own verdict rule, its thresholds)."""
+    to REVIEW or FAIL, and of those of real DSC < ``fail_dsc`` (the report's own verdict rule, its thresholds and
+    its pass-threshold policy, each score's learned pass thresholds fitted out of fold as the report does)."""
     thresholds = VerdictThresholds(**(meta.get("verdict_thresholds") or {}))
-    rows = subjects[subjects["source"].map(is_user_source)]
+    policy = next(iter((meta.get("pass_threshold") or {}).values()), {})
+    rows = subjects[subjects["source"].map(is_user_source)].reset_index(drop=True)
     out = {}
     for name, column in VERDICT_SCORES.items():
         if column not in rows or rows[column].isna().all():
             continue
-        decided = apply_verdicts(rows, thresholds.pass_dsc, thresholds, name)
+        passing, _ = pass_thresholds(rows, column, thresholds.fail_dsc, thresholds.pass_dsc,
+                                     policy.get("max_missed_failures"))
+        decided = apply_verdicts(rows, thresholds.pass_dsc, thresholds, name, passing)
         fg = foreground(decided)
         flagged = fg["verdict"].isin(["REVIEW", "FAIL"])
         good, bad = fg[REAL] >= thresholds.pass_dsc, fg[REAL] < thresholds.fail_dsc

@@ -183,22 +183,27 @@ def fake_report(results, checkpoints):
                                            "per_source": {"unet": {"fitted": True}}},
                             "wall": {"fitted": False, "reason": "3 labelled subjects (< 5)"}},
             "combined": {"foreground": {"fitted": True, "coefficients": {"predicted_dsc+learned_dsc": {
-                "predicted_dsc": 0.7, "learned_dsc": 0.3, "intercept": 0.01, "rows": 40}}}}}
+                "predicted_dsc": 0.7, "learned_dsc": 0.3, "intercept": 0.01, "rows": 40}}}},
+            "pass_threshold": {"foreground": {"fitted": True, "score": "predicted_dsc", "threshold": 0.77,
+                                              "failures": 25, "folds": {"0": 0.8, "1": 0.78}},
+                               "wall": {"fitted": False, "score": "predicted_dsc", "threshold": 0.8}}}
     (results / "report").mkdir()
     write_parquet(pd.DataFrame({"subject": ["s1"]}), results / "report" / "subjects.parquet",
                   {"checkpoints": checkpoints, **fits})
 
 
 def test_the_training_cohorts_fits_travel_with_the_bundle(tmp_path, caplog):
-    """export-model carries the report's calibration map and fusion (the fitted labels only) when the report was
-    written with the exported networks; a cohort importing the bundle finds them in its model card."""
+    """export-model carries the report's calibration map, fusion and learned pass threshold (the fitted labels
+    only) when the report was written with the exported networks; a cohort importing the bundle finds them in its
+    model card."""
     results = fake_results(tmp_path / "results" / "heart")
     fake_report(results, read_json(results / "models" / "model_card.json")["checkpoints"])
     assert main(["export-model", str(results), str(tmp_path / "b")]) == 0
     fits = read_bundle(tmp_path / "b")["fits"]
     assert fits == {"calibration": {"foreground": {"x": [0.1, 0.9], "y": [0.2, 0.95]}},
                     "combined": {"foreground": {"coefficients": {"predicted_dsc+learned_dsc": {
-                        "predicted_dsc": 0.7, "learned_dsc": 0.3, "intercept": 0.01, "rows": 40}}}}}
+                        "predicted_dsc": 0.7, "learned_dsc": 0.3, "intercept": 0.01, "rows": 40}}}},
+                    "pass_threshold": {"foreground": {"score": "predicted_dsc", "threshold": 0.77}}}
     out = tmp_path / "results" / "reuse"
     import_bundle(tmp_path / "b", out / "models", out / "fingerprint.json", out / "plan.json")
     assert read_json(out / "models" / "model_card.json")["qc_model"]["fits"] == fits

@@ -312,9 +312,10 @@ def test_a_cohort_without_labels_applies_the_qc_models_fits(tmp_path: Path) -> N
     paths = _write_scores(scores.assign(learned_dsc=(scores["predicted_dsc"] - 0.1).clip(0, 1)), tmp_path)
     fits = {"calibration": {FOREGROUND: {"x": [0.0, 1.0], "y": [0.1, 0.9]}},
             "combined": {FOREGROUND: {"coefficients": {"predicted_dsc+learned_dsc": {
-                "predicted_dsc": 0.25, "learned_dsc": 0.75, "intercept": 0.0, "rows": 50}}}}}
+                "predicted_dsc": 0.25, "learned_dsc": 0.75, "intercept": 0.0, "rows": 50}}}},
+            "pass_threshold": {FOREGROUND: {"score": "predicted_dsc", "threshold": 0.75}}}
     subjects = write_report(paths, tmp_path / "report", COHORT, 0.8, METADATA, methods=["nnqc", "learned"],
-                            prior_fits=fits)["subjects"]
+                            prior_fits=fits, max_missed_failures=0.05)["subjects"]
     assert subjects["real_dsc"].isna().all()
     fg, other = subjects[subjects["label"] == FOREGROUND], subjects[subjects["label"] != FOREGROUND]
     np.testing.assert_allclose(fg["calibrated_dsc"], 0.1 + 0.8 * fg["predicted_dsc"])
@@ -323,6 +324,11 @@ def test_a_cohort_without_labels_applies_the_qc_models_fits(tmp_path: Path) -> N
     np.testing.assert_allclose(other["combined_dsc"], (other["predicted_dsc"] + other["learned_dsc"]) / 2)
     meta = read_parquet_metadata(tmp_path / "report" / "subjects.parquet")
     assert meta["combined"][FOREGROUND]["method"] == meta["calibration"][FOREGROUND]["method"] == PRIOR_METHOD
+    # the bundle's pass threshold (fitted on the verdict score, nnQC's) for the foreground, qc_pass_dsc elsewhere
+    assert (fg["pass_threshold"] == 0.75).all() and (other["pass_threshold"] == 0.8).all()
+    assert meta["pass_threshold"][FOREGROUND]["method"] == PRIOR_METHOD
+    assert fg["verdict_score"].between(0.75, 0.8, inclusive="left").any()
+    assert (fg["flag_below_threshold"] == (fg["verdict_score"] < 0.75)).all()
 
 
 def test_verdict_score_chooses_the_opinion_the_verdicts_act_on(tmp_path: Path) -> None:

@@ -381,6 +381,10 @@ def test_demo_learned_opinion(demo_run):
     meta = read_parquet_metadata(report / "subjects.parquet")
     assert meta["verdict_score"] == {"score": "nnqc", "column": "predicted_dsc"}
     assert meta["combined"]["foreground"]["fitted"] is False  # 2 labelled test subjects: the plain mean, said so
+    # report.pass_threshold: learned, but the demo has no real segmenter's labelled failures: qc_pass_dsc, said so
+    assert meta["pass_threshold"]["foreground"]["fitted"] is False and "too few" in meta["pass_threshold"][
+        "foreground"]["reason"]
+    assert (subjects["pass_threshold"] == meta["qc_pass_dsc"]).all()
     regions = pd.read_parquet(report / "error_regions.parquet")
     if (subjects.query("label == 'foreground'").verdict != "PASS").any():
         assert set(regions.opinion) == {"nnqc", "learned"}

@@ -10,13 +10,16 @@ truth get the map fitted on every labelled row. ``calibrated_dsc`` sits next to 
 replacing it.
 
 The same out-of-fold discipline fits ``combined_dsc``, the fusion of every opinion the report computes
-(:func:`combine`). A cohort reusing a QC model without labels of its own applies its training cohort's map and
-fusion (:func:`exported_fits`, carried by the bundle).
+(:func:`combine`), and the verdicts' pass threshold (:func:`pass_thresholds`: the score under which the real
+segmenters' labelled failures fall, so that good masks just above the configured threshold are not all sent to a
+reviewer). A cohort reusing a QC model without labels of its own applies its training cohort's map, fusion and pass
+threshold (:func:`exported_fits`, carried by the bundle).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -255,16 +258,113 @@ def calibrate(subjects: pd.DataFrame, prior: dict[str, dict[str, Any]] | None = 
     return calibrated, info
 
 
-def exported_fits(calibration: dict[str, dict[str, Any]], combined: dict[str, dict[str, Any]]
-                  ) -> dict[str, dict[str, Any]]:
-    """What a QC model bundle carries to a cohort without labels of its own, from a report's ``calibration`` and
-    ``combined`` metadata: per fitted label, the pooled isotonic map and the fusion's coefficients, those of the
-    real segmenters' own fusion where there is one (a new cohort's candidates are real segmenters' masks; the
-    per-source maps stay: a new cohort has other sources)."""
+PASS_THRESHOLD_COLUMN = "pass_threshold"
+# The review band a learned pass threshold keeps above fail_dsc (the verdicts' DSC shortfall needs pass > fail).
+MIN_REVIEW_BAND = 0.01
+
+
+def conformal_bound(failure_scores: np.ndarray, max_missed: float) -> float | None:
+    """The split-conformal upper bound of failure scores: the k-th smallest of the n finite ``failure_scores``,
+    k = ⌈(1 − ``max_missed``)·(n + 1)⌉, under which a new failure (exchangeable with these) scores with probability
+    at least 1 − ``max_missed``. None when n is too small for that guarantee (k > n, e.g. n < 19 at 0.05)."""
+    scores = np.sort(np.asarray(failure_scores, dtype=float))
+    scores = scores[np.isfinite(scores)]
+    k = math.ceil((1.0 - max_missed) * (scores.size + 1))
+    return float(scores[k - 1]) if k <= scores.size else None
+
+
+def learned_pass_dsc(failure_scores: np.ndarray, max_missed: float, fail_dsc: float, pass_dsc: float
+                     ) -> float | None:
+    """The pass threshold the failures justify: just above their :func:`conformal_bound` (a failure scored exactly
+    there is still below it), kept within [``fail_dsc`` + :data:`MIN_REVIEW_BAND`, ``pass_dsc``]: the labels only
+    ever lower the configured threshold. None when too few failures bound it."""
+    bound = conformal_bound(failure_scores, max_missed)
+    if bound is None:
+        return None
+    return float(min(max(np.nextafter(bound, np.inf), fail_dsc + MIN_REVIEW_BAND), pass_dsc))
+
+
+def pass_threshold_label(rows: pd.DataFrame, score_column: str, fail_dsc: float, pass_dsc: float,
+                         max_missed: float, prior: dict[str, Any] | None = None
+                         ) -> tuple[np.ndarray, dict[str, object]]:
+    """Each row's pass threshold for one label (columns subject, source, real_dsc and ``score_column``).
+
+    The failures are the real segmenters' labelled masks (user sources, not ``gt`` nor ``degraded_*``: their
+    scores are what the verdicts must catch; synthetic failures score lower and would set the bar too low) of real
+    DSC < ``fail_dsc``; the threshold is :func:`learned_pass_dsc` of their scores. Out of fold: every row of a
+    labelled subject gets the threshold fitted without that subject's failures (:func:`subject_folds`); the other
+    rows the fit on every failure. A fit with too few failures falls back to the ``prior`` threshold (a QC model's
+    training cohort's, when fitted on the same score) or else to ``pass_dsc``.
+    """
+    scores = rows[score_column].to_numpy(dtype=float)
+    real = rows["real_dsc"].to_numpy(dtype=float)
+    subjects = rows["subject"].to_numpy()
+    users = ~rows["source"].astype(str).str.startswith(SYNTHETIC_SOURCES).to_numpy()
+    labelled = users & np.isfinite(real) & np.isfinite(scores)
+    failed = labelled & (real < fail_dsc)
+    usable_prior = prior if prior is not None and prior.get("score") == score_column else None
+    fallback = float(min(max(usable_prior["threshold"], fail_dsc + MIN_REVIEW_BAND), pass_dsc)) if usable_prior \
+        else pass_dsc
+
+    def fit(mask: np.ndarray) -> float:
+        value = learned_pass_dsc(scores[mask], max_missed, fail_dsc, pass_dsc)
+        return fallback if value is None else value
+
+    full = learned_pass_dsc(scores[failed], max_missed, fail_dsc, pass_dsc)
+    out = np.full(len(rows), fallback if full is None else full)
+    info: dict[str, object] = {"score": score_column, "max_missed_failures": max_missed, "failures": int(failed.sum()),
+                               "labelled_subjects": len(set(subjects[labelled].tolist()))}
+    if full is None:
+        info.update(fitted=False, threshold=fallback,
+                    reason=f"{int(failed.sum())} labelled failures of real segmenters: too few to bound "
+                           f"{1 - max_missed:.0%} of failures",
+                    method=PRIOR_METHOD if usable_prior else "the configured qc_pass_dsc")
+        return out, info
+    if labelled.any():
+        folds = subject_folds(subjects[labelled])
+        fold = np.array([folds.get(s, -1) for s in subjects])
+        per_fold = {k: fit(failed & (fold != k)) for k in sorted(set(folds.values()))}
+        for k, value in per_fold.items():
+            out[fold == k] = value
+        info["folds"] = {str(k): v for k, v in per_fold.items()}
+    info.update(fitted=True, threshold=full, method=PASS_METHOD, cross_validated=CROSS_VALIDATED)
+    return out, info
+
+
+PASS_METHOD = ("split-conformal bound of the real segmenters' labelled failures' scores, within [fail_dsc + "
+               f"{MIN_REVIEW_BAND}, qc_pass_dsc]")
+
+
+def pass_thresholds(subjects: pd.DataFrame, score_column: str, fail_dsc: float, pass_dsc: float,
+                    max_missed: float | None, prior: dict[str, dict[str, Any]] | None = None
+                    ) -> tuple[pd.Series, dict[str, dict[str, object]]]:
+    """Per row, the score from which a candidate can PASS (:func:`pass_threshold_label`, per label) and how each
+    label's threshold was chosen; ``max_missed`` None keeps the configured ``pass_dsc`` everywhere."""
+    thresholds = pd.Series(pass_dsc, index=subjects.index, name=PASS_THRESHOLD_COLUMN, dtype=float)
+    if max_missed is None:
+        return thresholds, {"all": {"fitted": False, "threshold": pass_dsc, "method": "the configured qc_pass_dsc"}}
+    info = {}
+    for label, rows in subjects.groupby("label", sort=True):
+        values, info[str(label)] = pass_threshold_label(rows, score_column, fail_dsc, pass_dsc, max_missed,
+                                                        (prior or {}).get(str(label)))
+        thresholds.loc[rows.index] = values
+    log.info("pass thresholds on %s: %s", score_column, {k: round(float(v["threshold"]), 4) for k, v in info.items()})
+    return thresholds, info
+
+
+def exported_fits(calibration: dict[str, dict[str, Any]], combined: dict[str, dict[str, Any]],
+                  passing: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """What a QC model bundle carries to a cohort without labels of its own, from a report's ``calibration``,
+    ``combined`` and ``pass_threshold`` metadata: per fitted label, the pooled isotonic map, the fusion's
+    coefficients (those of the real segmenters' own fusion where there is one: a new cohort's candidates are real
+    segmenters' masks; the per-source maps stay, a new cohort has other sources) and the learned pass threshold
+    with the score it was fitted on."""
     return {"calibration": {label: info["map"] for label, info in calibration.items()
                             if info.get("fitted") and "map" in info},
             "combined": {label: {"coefficients": info.get("user_sources", info)["coefficients"]}
-                         for label, info in combined.items() if info.get("fitted")}}
+                         for label, info in combined.items() if info.get("fitted")},
+            "pass_threshold": {label: {"score": info["score"], "threshold": info["threshold"]}
+                               for label, info in (passing or {}).items() if info.get("fitted")}}
 
 
 def report_fits(subjects_parquet: str | os.PathLike, checkpoints: dict[str, str]) -> dict[str, Any] | None:
@@ -281,7 +381,7 @@ def report_fits(subjects_parquet: str | os.PathLike, checkpoints: dict[str, str]
         log.warning("%s was written with other networks (%s): the bundle carries no calibration or fusion fit; "
                     "rerun the report first", path, ", ".join(stale))
         return None
-    fits = exported_fits(meta.get("calibration") or {}, meta.get("combined") or {})
+    fits = exported_fits(meta.get("calibration") or {}, meta.get("combined") or {}, meta.get("pass_threshold"))
     if not any(fits.values()):
         log.info("the report at %s fitted no calibration or fusion (too few labelled subjects)", path)
         return None

@@ -12,7 +12,9 @@ Rules:
 
 - **Outliers** (per cohort, source and label, over subjects): Tukey fences on the *predicted* scores,
   ``flag_low_dsc_outlier`` = DSC < Q1 − 1.5·IQR, ``flag_high_hd95_outlier`` = HD95 > Q3 + 1.5·IQR.
-- **qc_pass** (per row, i.e. per subject and label): predicted DSC ≥ ``qc_pass_dsc`` and neither outlier flag.
+- **qc_pass** (per row, i.e. per subject and label): verdict score ≥ the row's ``pass_threshold`` (``qc_pass_dsc``,
+  or lower where the labelled failures justify it: :func:`nnqc_pipe.qc.calibration.pass_thresholds`) and neither
+  outlier flag.
   The ``foreground`` row is the subject-level verdict; class rows judge each structure. An undefined HD95
   alone does not fail a row (both masks empty gives DSC 1; one empty gives DSC 0, which fails).
 - **Summary pools**: ``all`` = every source (only subjects with both predicted and real finite values count,
@@ -28,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,14 @@ import pandas as pd
 
 from nnqc_pipe.data.io import atomic_path, concat_parquet, write_parquet
 from nnqc_pipe.qc.baselines import AGREEMENT_COLUMN, LATENT_SEARCH_COLUMN, VAE_RECON_COLUMN
-from nnqc_pipe.qc.calibration import CALIBRATED_COLUMN, COMBINED_COLUMN, calibrate, combine
+from nnqc_pipe.qc.calibration import (
+    CALIBRATED_COLUMN,
+    COMBINED_COLUMN,
+    PASS_THRESHOLD_COLUMN,
+    calibrate,
+    combine,
+    pass_thresholds,
+)
 from nnqc_pipe.qc.columns import (
     COUNT_COLUMNS,
     FAILURE_COLUMNS,
@@ -113,6 +122,7 @@ def subjects_schema(metrics: Sequence[str] = METRICS) -> dict[str, str]:
         LATENT_SEARCH_COLUMN: "float64",
         COMBINED_COLUMN: "float64",
         "verdict_score": "float64",
+        PASS_THRESHOLD_COLUMN: "float64",
         "risk": "float64",
         "verdict": "str",
         "verdict_reason": "str",
@@ -216,9 +226,12 @@ VERDICT_SCORES = {"nnqc": f"{PREDICTED}_dsc", "learned": LEARNED_DSC, "combined"
 
 
 def apply_verdicts(subjects: pd.DataFrame, qc_pass_dsc: float, thresholds: VerdictThresholds | None = None,
-                   verdict_score: str = "nnqc") -> pd.DataFrame:
+                   verdict_score: str = "nnqc", pass_dsc: pd.Series | None = None) -> pd.DataFrame:
     """``verdict_score`` (the chosen score's values), the Tukey outlier flags, ``qc_pass`` and the verdict
-    (:func:`nnqc_pipe.qc.decisions.assign_verdicts`) of every subject row, typed and sorted."""
+    (:func:`nnqc_pipe.qc.decisions.assign_verdicts`) of every subject row, typed and sorted.
+
+    ``pass_dsc`` (aligned to the rows; :func:`nnqc_pipe.qc.calibration.pass_thresholds`) is each row's score from
+    which it can PASS, in ``qc_pass`` and the verdict alike (``pass_threshold``); by default ``qc_pass_dsc``."""
     if verdict_score not in VERDICT_SCORES:
         raise ValueError(f"report.verdict_score {verdict_score!r} is not one of {sorted(VERDICT_SCORES)}")
     column = VERDICT_SCORES[verdict_score]
@@ -231,11 +244,13 @@ def apply_verdicts(subjects: pd.DataFrame, qc_pass_dsc: float, thresholds: Verdi
     subjects["flag_high_hd95_outlier"] = (
         _tukey_high(subjects, f"{PREDICTED}_hd95_mm") if "hd95_mm" in metrics else False
     )
-    subjects["flag_below_threshold"] = ~(subjects["verdict_score"] >= qc_pass_dsc)
+    subjects[PASS_THRESHOLD_COLUMN] = qc_pass_dsc if pass_dsc is None else pass_dsc.astype(float)
+    subjects["flag_below_threshold"] = ~(subjects["verdict_score"] >= subjects[PASS_THRESHOLD_COLUMN])
     failing = ["flag_below_threshold", "flag_low_dsc_outlier", "flag_high_hd95_outlier"]
     subjects["qc_pass"] = ~subjects[failing].any(axis=1)
     thresholds = thresholds or default_thresholds(qc_pass_dsc)
-    subjects = assign_verdicts(subjects, thresholds, score_column="verdict_score")
+    subjects = pd.concat([assign_verdicts(rows, replace(thresholds, pass_dsc=float(value)), "verdict_score")
+                          for value, rows in subjects.groupby(PASS_THRESHOLD_COLUMN, sort=True)])
     subjects = subjects.sort_values(ID_COLUMNS, kind="stable")
     return typed(subjects, subjects_schema(metrics))
 
@@ -431,6 +446,7 @@ def write_report(
     repair_mode: str = "fallback",
     selection_score: str = VERDICT_SELECTION,
     prior_fits: dict[str, dict[str, Any]] | None = None,
+    max_missed_failures: float | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Build the report tables from the scores files and write them to ``out_dir``.
 
@@ -445,7 +461,9 @@ def write_report(
     single source and an oracle (where ground truth exists). ``ood_inputs`` (ingestion records by subject, training
     fingerprint) flags the candidates outside the training range (:func:`nnqc_pipe.qc.ood.ood_table`);
     ``verdict_score`` (:data:`VERDICT_SCORES`) is the score the verdicts act on (and the selection, unless
-    ``selection_score`` names another);
+    ``selection_score`` names another); ``max_missed_failures`` (the config's ``report.max_missed_failures`` when
+    ``report.pass_threshold`` is ``learned``; None: ``qc_pass_dsc`` as it is) lowers each label's pass threshold to
+    what its labelled failures justify (:func:`nnqc_pipe.qc.calibration.pass_thresholds`);
     ``repair_sources`` (the repair stage's two sources) enter the selection as ``repair_mode`` says
     (:func:`build_selection`); ``selection_score`` (:func:`selection_column`) is the score the selection ranks on.
     Returns the tables by name.
@@ -466,7 +484,10 @@ def write_report(
         records, fingerprint = ood_inputs
         ood = ood_table(dict(records), fingerprint, scores[scores["level"] == "volume"])
     subjects, fits = add_predictors(subject_rows(scores, ood), agreement, left_out, prior_fits)
-    subjects = apply_verdicts(subjects, qc_pass_dsc, thresholds, verdict_score)
+    passing, fits["pass_threshold"] = pass_thresholds(subjects, VERDICT_SCORES[verdict_score], thresholds.fail_dsc,
+                                                      qc_pass_dsc, max_missed_failures,
+                                                      (prior_fits or {}).get("pass_threshold"))
+    subjects = apply_verdicts(subjects, qc_pass_dsc, thresholds, verdict_score, passing)
     tables = {"subjects": subjects.drop(columns=left_out),
               "slices": build_slices(scores).drop(columns=left_out, errors="ignore")}
     tables["summary"] = build_summary(tables["subjects"], thresholds.fail_dsc)

@@ -25,6 +25,12 @@ def verdict_thresholds(report_cfg: dict[str, Any]) -> VerdictThresholds:
                              fail_risk=report_cfg["fail_risk"], review_risk=report_cfg["review_risk"])
 
 
+def max_missed_failures(report_cfg: dict[str, Any]) -> float | None:
+    """The share of labelled failures the learned pass threshold may let pass (``report.pass_threshold:
+    learned``), or None: the configured ``qc_pass_dsc`` as it is (``fixed``)."""
+    return report_cfg["max_missed_failures"] if report_cfg["pass_threshold"] == "learned" else None
+
+
 def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, settings: dict[str, Any],
            config_digest: str, model_dir: PathLike, plan_json: PathLike, fingerprint_json: PathLike, inspect: str,
            candidates: dict[str, str], pgt: str, selected: str, figures_dir: PathLike, results_dir: PathLike,
@@ -79,7 +85,8 @@ def report(score_chunks: list[PathLike], out_dir: PathLike, cohort: str, setting
                           repair_sources=settings.get("repair_sources", []),
                           repair_mode=settings["selection"]["repair_sources"],
                           selection_score=settings["selection"]["score"],
-                          prior_fits=(card.get("qc_model") or {}).get("fits"))
+                          prior_fits=(card.get("qc_model") or {}).get("fits"),
+                          max_missed_failures=max_missed_failures(settings))
     regions = error_region_table(tables["subjects"], candidates, pgt, plan_.slicing_axis)
     if learned:
         regions = pd.concat([regions, error_region_table(tables["subjects"], candidates, learned, plan_.slicing_axis,
