@@ -76,11 +76,9 @@ from nnqc_pipe.chunks import fill
 from nnqc_pipe.config import discover_subjects, label_map
 from nnqc_pipe.data.io import read_json, read_parquet_metadata, write_json, write_nifti
 from nnqc_pipe.dice import dice
-from nnqc_pipe.qc.calibration import pass_thresholds
-from nnqc_pipe.qc.decisions import VerdictThresholds
 from nnqc_pipe.qc.metrics import FOREGROUND
 from nnqc_pipe.report.methods import ALL_DEGRADED, ALL_REAL, ALL_SOURCES, BEST_REAL, build_methods, is_user_source
-from nnqc_pipe.report.tables import EXTRA_PREDICTORS, VERDICT_SCORES, apply_verdicts
+from nnqc_pipe.report.tables import EXTRA_PREDICTORS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import _fmt, _num, derive_config, merge, parse_sets, ranking_summary, run_snakemake  # noqa: E402
@@ -556,28 +554,19 @@ def target_checks(table: pd.DataFrame, result: dict[str, Any]) -> list[dict[str,
     return checks
 
 
-def review_shares(subjects: pd.DataFrame, meta: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per verdict score the report can act on: the share of real models' masks of real DSC >= ``pass_dsc`` sent
-    to REVIEW or FAIL, and of those of real DSC < ``fail_dsc`` (the report's own verdict rule, its thresholds and
-    its pass-threshold policy, each score's learned pass thresholds fitted out of fold as the report does)."""
-    thresholds = VerdictThresholds(**(meta.get("verdict_thresholds") or {}))
-    policy = next(iter((meta.get("pass_threshold") or {}).values()), {})
-    rows = subjects[subjects["source"].map(is_user_source)].reset_index(drop=True)
-    out = {}
-    for name, column in VERDICT_SCORES.items():
-        if column not in rows or rows[column].isna().all():
-            continue
-        passing, _ = pass_thresholds(rows, column, thresholds.fail_dsc, thresholds.pass_dsc,
-                                     policy.get("max_missed_failures"))
-        decided = apply_verdicts(rows, thresholds.pass_dsc, thresholds, name, passing)
-        fg = foreground(decided)
-        flagged = fg["verdict"].isin(["REVIEW", "FAIL"])
-        good, bad = fg[REAL] >= thresholds.pass_dsc, fg[REAL] < thresholds.fail_dsc
-        metric = next(m for m, c in PREDICTORS.items() if c == column)
-        out[metric] = {"good_flagged": float(flagged[good].mean()) if good.any() else math.nan,
-                       "failures_flagged": float(flagged[bad].mean()) if bad.any() else math.nan,
-                       "n_good": int(good.sum()), "n_failures": int(bad.sum())}
-    return out
+def review_shares(board: pd.DataFrame, subjects: pd.DataFrame, pass_dsc: float, fail_dsc: float
+                  ) -> dict[str, dict[str, float]]:
+    """Per verdict score the report can act on (the board's ``all_real`` foreground row with verdict shares): the
+    share of real models' masks of real DSC >= ``pass_dsc`` sent to REVIEW or FAIL, and of those of real DSC <
+    ``fail_dsc``, when the verdicts act on that score with its own pass thresholds (the report's computation)."""
+    fg = foreground(subjects[subjects["source"].map(is_user_source)])
+    counts = {"n_good": int((fg[REAL] >= pass_dsc).sum()), "n_failures": int((fg[REAL] < fail_dsc).sum())}
+    rows = board[(board["label"] == FOREGROUND) & (board["pool"] == ALL_REAL)
+                 & board[["good_reviewed", "failures_reviewed"]].notna().any(axis=1)]
+    metric_of = {c: m for m, c in PREDICTORS.items()}
+    return {metric_of[row.score_column]: {"good_flagged": float(row.good_reviewed),
+                                          "failures_flagged": float(row.failures_reviewed), **counts}
+            for row in rows.itertuples() if row.score_column in metric_of}
 
 
 def next_best_agreement(subjects: pd.DataFrame, candidates: dict[str, str], best: str) -> dict[str, Any]:
@@ -668,7 +657,8 @@ def summarise(report_dir: Path, config: dict[str, Any] | None = None) -> dict[st
         "gt": {m: gt_separation(subjects, c) for m, c in columns.items()
                if m in ("dsc", "calibrated_dsc", *OPINIONS)},
         "source_tau": {m: _figure(on_all, m, "kendall_tau") for m in columns},
-        "review_shares": review_shares(subjects, meta),
+        "review_shares": review_shares(board, subjects, float((meta.get("verdict_thresholds") or {}).get(
+            "pass_dsc", 0.8)), fail_dsc),
         "verdicts": {"all": verdict_confusion(subjects),
                      ALL_REAL: verdict_confusion(subjects[subjects["source"].map(is_user_source)])},
         "selection": read_parquet_metadata(report_dir / "selection.parquet").get("selection_summary"),

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nnqc_pipe.qc.decisions import VerdictThresholds
 from nnqc_pipe.report.methods import (
     METHODS_SCHEMA,
     build_methods,
@@ -16,6 +17,7 @@ from nnqc_pipe.report.methods import (
     pairwise_accuracy,
     source_tau,
 )
+from nnqc_pipe.report.tables import verdict_shares
 
 # source -> real foreground DSC of subject i (i = 0..5); the user's sources: unet_bad, unet_good, atlas
 REAL = {
@@ -155,3 +157,17 @@ def test_latent_search_is_a_method_of_the_board():
     row = board_row(build_methods(table, fail_dsc=0.7), "latent_search", "all")
     assert row["score_column"] == "latent_search_dsc" and row["bias"] == pytest.approx(-0.1)
     assert row["pearson_r"] == pytest.approx(1.0) and row["kendall_tau"] == pytest.approx(1.0)
+
+
+def test_the_board_says_how_many_good_masks_and_failures_each_verdict_score_sends_to_review():
+    """nnQC exact, the learned opinion reversed: acting on nnQC reviews no good mask and every failure; acting on the
+    learned opinion every good mask (scored 0.2 or less). Opinions the verdicts cannot act on have no shares."""
+    table = subjects_table().assign(cand_voxels=100, pgt_voxels=100, uncertainty=0.0, n_slices=3,
+                                    flag_hd95_undefined=False, flag_ravd_undefined=False)
+    board = build_methods(table, 0.7, verdict_shares(table, 0.8, VerdictThresholds()))
+    nnqc, learned = board_row(board, "nnqc", "all_real"), board_row(board, "learned", "all_real")
+    assert nnqc["good_reviewed"] == 0.0 and nnqc["failures_reviewed"] == 1.0
+    assert learned["good_reviewed"] == 1.0
+    # unet_good reaches 0.8 in s3..s5 only; the gt pool has no failure
+    assert math.isnan(board_row(board, "nnqc", "gt")["failures_reviewed"])
+    assert board_row(board, "agreement", "all_real")[["good_reviewed", "failures_reviewed"]].isna().all()

@@ -12,7 +12,9 @@ import pytest
 from conftest import load_benchmark
 
 from nnqc_pipe.data.io import write_parquet
+from nnqc_pipe.qc.decisions import VerdictThresholds
 from nnqc_pipe.report.methods import build_methods
+from nnqc_pipe.report.tables import verdict_shares
 
 rs = load_benchmark("real_segmenters")
 
@@ -167,9 +169,10 @@ def test_summarise_reads_the_reports_methods_board(tmp_path):
     assert result["pairwise"]["dsc"]["accuracy"] == 0.125 and result["source_tau"]["dsc"] == 0.25
 
 
-def test_review_shares_use_the_reports_rules():
+def test_review_shares_read_the_boards_verdict_columns():
     table = subjects_table()
-    shares = rs.review_shares(table, {"verdict_thresholds": {"pass_dsc": 0.8, "fail_dsc": 0.7}})
+    board = build_methods(table, 0.7, verdict_shares(table, 0.8, VerdictThresholds()))
+    shares = rs.review_shares(board, table, 0.8, 0.7)
     nnqc = shares["dsc"]
     # real models: unet_good 0.74..0.84, unet_bad 0.30..0.55 and atlas 0.60..0.70
     assert nnqc["n_failures"] == 11 and nnqc["failures_flagged"] == 1.0  # atlas s5 is exactly 0.70

@@ -15,7 +15,11 @@ Figures of one (method, pool, label), over the pool's pairs with both the score 
 - ``kendall_tau``: the pool's sources ranked by their mean score against their mean real DSC, over their labelled
   candidates (:func:`source_tau`; NaN for a one-source pool);
 - ``pairwise_accuracy``: per subject, over the pairs of the pool's sources with different real DSC, the share the
-  score orders the same way (a tie in the score counts one half; :func:`pairwise_accuracy`).
+  score orders the same way (a tie in the score counts one half; :func:`pairwise_accuracy`);
+- ``good_reviewed``, ``failures_reviewed``: for a method the verdicts can act on (``report.verdict_score``), the
+  share of the pool's good masks (real DSC ≥ ``qc_pass_dsc``) and of its failures (real DSC < ``fail_dsc``) that
+  REVIEW or FAIL when the verdicts act on it, with its own pass threshold
+  (:func:`nnqc_pipe.report.tables.verdict_shares`); NaN for the other methods or without such masks.
 """
 
 from __future__ import annotations
@@ -72,7 +76,11 @@ METHODS_SCHEMA = {
     "kendall_tau": "float64",
     "n_pairs": "int64",
     "pairwise_accuracy": "float64",
+    "good_reviewed": "float64",
+    "failures_reviewed": "float64",
 }
+# The board's keys: one row per (cohort, label, method, pool).
+BOARD_KEYS = ["cohort", "label", "method", "pool"]
 NO_LABELS_NOTE = ("no candidate has a real DSC (no labelled subject): the board is empty; the report shows each "
                   "method's predicted distribution instead")
 
@@ -168,9 +176,11 @@ def present_methods(subjects: pd.DataFrame) -> dict[str, str]:
     return {m: c for m, c in METHODS.items() if c in subjects and subjects[c].notna().any()}
 
 
-def build_methods(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame:
+def build_methods(subjects: pd.DataFrame, fail_dsc: float = 0.7, verdicts: pd.DataFrame | None = None
+                  ) -> pd.DataFrame:
     """The board (schema :data:`METHODS_SCHEMA`): one row per (cohort, label, method, pool) of the labelled
-    subject rows, in that order (pools as :func:`pools` lists them); empty, with the schema, without labels."""
+    subject rows, in that order (pools as :func:`pools` lists them); empty, with the schema, without labels.
+    ``verdicts`` (:data:`BOARD_KEYS` with ``good_reviewed``, ``failures_reviewed``) fills those two columns."""
     methods = present_methods(subjects)
     labelled = subjects[subjects[REAL_DSC].notna()] if REAL_DSC in subjects else subjects.iloc[:0]
     board = []
@@ -186,7 +196,23 @@ def build_methods(subjects: pd.DataFrame, fail_dsc: float = 0.7) -> pd.DataFrame
                               **failure_detection(pred, real, fail_dsc), **agreement(pred, real),
                               "n_sources": n_sources, "kendall_tau": tau, "n_pairs": n_pairs,
                               "pairwise_accuracy": accuracy})
-    return pd.DataFrame(board).reindex(columns=list(METHODS_SCHEMA)).astype(METHODS_SCHEMA)
+    table = pd.DataFrame(board, columns=[c for c in METHODS_SCHEMA if c not in VERDICT_SHARES])
+    if verdicts is not None and len(verdicts) and len(table):
+        table = table.merge(verdicts[BOARD_KEYS + VERDICT_SHARES], on=BOARD_KEYS, how="left")
+    return table.reindex(columns=list(METHODS_SCHEMA)).astype(METHODS_SCHEMA)
+
+
+VERDICT_SHARES = ["good_reviewed", "failures_reviewed"]
+
+
+def review_shares(decided: pd.DataFrame, pass_dsc: float, fail_dsc: float) -> dict[str, float]:
+    """Of the labelled rows of ``decided`` (with verdicts): the share of good masks (real DSC ≥ ``pass_dsc``) and of
+    failures (real DSC < ``fail_dsc``) that REVIEW or FAIL; NaN where there is no such mask."""
+    flagged = decided["verdict"].isin(["REVIEW", "FAIL"]).to_numpy()
+    real = decided[REAL_DSC].to_numpy(dtype=float)
+    good, bad = real >= pass_dsc, real < fail_dsc
+    return {"good_reviewed": float(flagged[good].mean()) if good.any() else np.nan,
+            "failures_reviewed": float(flagged[bad].mean()) if bad.any() else np.nan}
 
 
 def method_names(board: pd.DataFrame, subjects: pd.DataFrame) -> list[str]:

@@ -74,14 +74,19 @@ from nnqc_pipe.qc.ood import ood_table
 from nnqc_pipe.report.methods import (
     ALL_DEGRADED,
     ALL_SOURCES,
+    BOARD_KEYS,
     DEGRADED_PREFIX,
     METHODS,
     OPINIONS,
+    REAL_DSC,
+    VERDICT_SHARES,
     agreement,
     board_metadata,
     build_methods,
     kendall_tau,
     left_out_columns,
+    pools,
+    review_shares,
 )
 
 log = logging.getLogger(__name__)
@@ -253,6 +258,28 @@ def apply_verdicts(subjects: pd.DataFrame, qc_pass_dsc: float, thresholds: Verdi
                           for value, rows in subjects.groupby(PASS_THRESHOLD_COLUMN, sort=True)])
     subjects = subjects.sort_values(ID_COLUMNS, kind="stable")
     return typed(subjects, subjects_schema(metrics))
+
+
+def verdict_shares(subjects: pd.DataFrame, qc_pass_dsc: float, thresholds: VerdictThresholds,
+                   max_missed_failures: float | None = None, prior: dict[str, dict[str, Any]] | None = None,
+                   left_out: Sequence[str] = ()) -> pd.DataFrame:
+    """For each score the verdicts can act on (:data:`VERDICT_SCORES`, where ``subjects`` has values of it and its
+    column is not ``left_out``: the opinions the config's ``methods`` leaves out) and each
+    board pool of the labelled rows (:func:`nnqc_pipe.report.methods.pools`): the shares of good masks and of
+    failures sent to REVIEW or FAIL (:func:`nnqc_pipe.report.methods.review_shares`) when the verdicts act on that
+    score, with its own pass thresholds (:func:`nnqc_pipe.qc.calibration.pass_thresholds`, the report's policy and
+    the QC model's ``prior`` thresholds). One row per :data:`nnqc_pipe.report.methods.BOARD_KEYS`."""
+    rows = []
+    for name, column in VERDICT_SCORES.items():
+        if column in left_out or column not in subjects or subjects[column].isna().all():
+            continue
+        scored = subjects.reset_index(drop=True)
+        passing, _ = pass_thresholds(scored, column, thresholds.fail_dsc, qc_pass_dsc, max_missed_failures, prior)
+        decided = apply_verdicts(scored, qc_pass_dsc, thresholds, name, passing)
+        for (cohort, label), group in decided[decided[REAL_DSC].notna()].groupby(["cohort", "label"], sort=True):
+            rows += [{"cohort": cohort, "label": label, "method": name, "pool": pool,
+                      **review_shares(members, qc_pass_dsc, thresholds.fail_dsc)} for pool, members in pools(group)]
+    return pd.DataFrame(rows, columns=[*BOARD_KEYS, *VERDICT_SHARES])
 
 
 def build_subjects(scores: pd.DataFrame, qc_pass_dsc: float, thresholds: VerdictThresholds | None = None,
@@ -495,7 +522,9 @@ def write_report(
     tables["selection"] = build_selection(tables["subjects"], use_pgt_when_all_fail, thresholds.fail_dsc,
                                           repair_sources, repair_mode, selection_score)
     tables["review"] = review_slices(tables["slices"], tables["subjects"], review_slices_per_subject)
-    tables["methods"] = build_methods(tables["subjects"], thresholds.fail_dsc)
+    shares = verdict_shares(subjects, qc_pass_dsc, thresholds, max_missed_failures,
+                            (prior_fits or {}).get("pass_threshold"), left_out)
+    tables["methods"] = build_methods(tables["subjects"], thresholds.fail_dsc, shares)
     common = {**metadata, "cohort": cohort, "qc_pass_dsc": qc_pass_dsc, "verdict_thresholds": asdict(thresholds),
               "verdict_score": {"score": verdict_score, "column": VERDICT_SCORES[verdict_score]}, **fits}
     tau = _single_tau(tables["ranking"])
