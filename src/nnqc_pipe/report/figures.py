@@ -227,7 +227,8 @@ def _plot_method_distributions(subjects: pd.DataFrame, path: str | os.PathLike, 
 
 
 METHODS_TABLE_COLUMNS = ["method", "pool", "sources", "n", "pearson_r", "mae", "bias", "spearman_rho",
-                         "failure_auc", "sensitivity", "specificity", "aurc", "kendall_tau", "pairwise_accuracy"]
+                         "failure_auc", "sensitivity", "specificity", "aurc", "kendall_tau", "pairwise_accuracy",
+                         "good_reviewed", "failures_reviewed"]
 
 
 def write_methods_table(board: pd.DataFrame, subjects: pd.DataFrame, path: str | os.PathLike,
