@@ -291,10 +291,11 @@ def pass_threshold_label(rows: pd.DataFrame, score_column: str, fail_dsc: float,
 
     The failures are the real segmenters' labelled masks (user sources, not ``gt`` nor ``degraded_*``: their
     scores are what the verdicts must catch; synthetic failures score lower and would set the bar too low) of real
-    DSC < ``fail_dsc``; the threshold is :func:`learned_pass_dsc` of their scores. Out of fold: every row of a
-    labelled subject gets the threshold fitted without that subject's failures (:func:`subject_folds`); the other
-    rows the fit on every failure. A fit with too few failures falls back to the ``prior`` threshold (a QC model's
-    training cohort's, when fitted on the same score) or else to ``pass_dsc``.
+    DSC < ``fail_dsc``; the threshold is :func:`learned_pass_dsc` of their scores. Leave one subject out: every row
+    of a labelled subject gets the threshold fitted on the other subjects' failures (a sort, so every subject can
+    have its own fit; with 5 folds, a cohort just above the bound's minimum number of failures fell short in every
+    fold); the other rows the fit on every failure. A fit with too few failures falls back to the ``prior``
+    threshold (a QC model's training cohort's, when fitted on the same score) or else to ``pass_dsc``.
     """
     scores = rows[score_column].to_numpy(dtype=float)
     real = rows["real_dsc"].to_numpy(dtype=float)
@@ -320,15 +321,18 @@ def pass_threshold_label(rows: pd.DataFrame, score_column: str, fail_dsc: float,
                            f"{1 - max_missed:.0%} of failures",
                     method=PRIOR_METHOD if usable_prior else "the configured qc_pass_dsc")
         return out, info
-    if labelled.any():
-        folds = subject_folds(subjects[labelled])
-        fold = np.array([folds.get(s, -1) for s in subjects])
-        per_fold = {k: fit(failed & (fold != k)) for k in sorted(set(folds.values()))}
-        for k, value in per_fold.items():
-            out[fold == k] = value
-        info["folds"] = {str(k): v for k, v in per_fold.items()}
-    info.update(fitted=True, threshold=full, method=PASS_METHOD, cross_validated=CROSS_VALIDATED)
+    own = {subject: fit(failed & (subjects != subject)) for subject in sorted(set(subjects[labelled].tolist()))}
+    for subject, value in own.items():
+        out[subjects == subject] = value
+    values = np.array(list(own.values()))
+    info.update(fitted=True, threshold=full, method=PASS_METHOD, cross_validated=LEAVE_ONE_OUT,
+                subjects_threshold={"min": float(values.min()), "max": float(values.max()),
+                                    "at_fallback": int((values == fallback).sum())} if own else None)
     return out, info
+
+
+LEAVE_ONE_OUT = ("leave one subject out: each labelled subject's rows get the threshold fitted without its "
+                 "failures; other rows the fit on every failure")
 
 
 PASS_METHOD = ("split-conformal bound of the real segmenters' labelled failures' scores, within [fail_dsc + "
