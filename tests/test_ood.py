@@ -98,3 +98,27 @@ def test_real_phantom_records(phantom_dir):
     table = ood_table(records, fp, candidates).set_index("subject")
     assert not table.loc["demo_000", "flag_out_of_distribution"]
     assert table.loc["demo_005", "flag_out_of_distribution"] and "spacing_mm" in table.loc["demo_005", "ood_reason"]
+
+
+def _scaled(subject: str, scale: float, contrast: float = 1.0) -> dict:
+    """A labelled record whose whole image has mean 50·scale, std 10·scale; ``contrast`` stretches the bright tail
+    (the 99.5th percentiles) away from the mean."""
+    rec = _record(subject, image=(30.0 * scale, (50.0 + 30.0 * contrast) * scale),
+                  fg=(40.0 * scale, (50.0 + 25.0 * contrast) * scale))
+    rec["image_intensity"].update(mean=50.0 * scale, std=10.0 * scale)
+    return rec
+
+
+@pytest.mark.parametrize("modality", ["MR", "CT"])
+def test_intensities_are_compared_in_the_units_the_models_see(modality):
+    """MR images are z-scored per subject: a scanner's intensity scale ×3 is no shift, a changed contrast is. CT is
+    not: the same scale change is flagged there."""
+    fingerprint = compute_fingerprint([_scaled("t1", 1.0), _scaled("t2", 1.1)], modality, {1: "organ"})
+    assert ("image_p99_5_z" in fingerprint["ranges"]) == (modality == "MR")
+    records = {"scaled": _scaled("scaled", 3.0), "contrast": _scaled("contrast", 1.0, contrast=2.0)}
+    candidates = pd.DataFrame({"subject": list(records), "source": "gt", "cand_voxels": 1000})
+    table = ood_table(records, fingerprint, candidates).set_index("subject")
+    assert table.loc["scaled", "flag_out_of_distribution"] == (modality == "CT")
+    assert table.loc["contrast", "flag_out_of_distribution"]
+    if modality == "MR":
+        assert "image_p99_5_z 6 outside training range [3, 3]" in table.loc["contrast", "ood_reason"]

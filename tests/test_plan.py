@@ -29,13 +29,15 @@ def test_fingerprint_fields(fingerprint):
 
 
 def test_fingerprint_ranges_over_training_subjects(fingerprint):
-    """Per-subject ranges for the domain-shift check; the existing keys are unchanged."""
+    """Per-subject ranges for the domain-shift check; the existing keys are unchanged, the intensities of these MR
+    phantoms in z units (images z-scored per subject)."""
     ranges = fingerprint["ranges"]
-    assert set(ranges) == {"spacing_mm", "fov_mm", "image_p00_5", "image_p99_5", "fg_p00_5", "fg_p99_5",
+    assert set(ranges) == {"spacing_mm", "fov_mm", "image_p00_5_z", "image_p99_5_z", "fg_p00_5_z", "fg_p99_5_z",
                            "fg_volume_mm3", "fg_extent_mm"}
     assert ranges["spacing_mm"] == {"min": fingerprint["spacing_min"], "max": fingerprint["spacing_max"]}
     assert 0 < ranges["fg_volume_mm3"]["min"] <= ranges["fg_volume_mm3"]["max"]
-    assert ranges["image_p00_5"]["max"] <= ranges["fg_p99_5"]["max"]
+    assert ranges["image_p00_5_z"]["max"] < 0 < ranges["image_p99_5_z"]["min"]
+    assert ranges["image_p00_5_z"]["max"] <= ranges["fg_p99_5_z"]["max"]
     assert all(lo <= hi for lo, hi in zip(ranges["fg_extent_mm"]["min"], ranges["fg_extent_mm"]["max"], strict=True))
     assert max(ranges["fg_extent_mm"]["max"]) == max(fingerprint["fg_extent_mm_max"])
 

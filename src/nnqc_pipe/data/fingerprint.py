@@ -16,7 +16,10 @@
   reference of the domain-shift check (:mod:`nnqc_pipe.qc.ood`): ``spacing_mm``, ``fov_mm`` (image extent),
   ``image_p00_5``/``image_p99_5`` (whole-image intensity percentiles), ``fg_p00_5``/``fg_p99_5`` (foreground
   intensity percentiles), ``fg_volume_mm3``, ``fg_extent_mm``. A feature that no record carries (ingestion
-  records of an older version) is left out.
+  records of an older version) is left out. For every modality but CT, preprocessing z-scores each image on its
+  own (:mod:`nnqc_pipe.data.plan`), so the models never see an absolute intensity: the four percentiles are then
+  expressed in the subject's own z units, ``(value − image mean) / image std``, under the names with ``_z``
+  appended (an MR scanner's arbitrary intensity scale is no domain shift; a different contrast still is).
 """
 
 from __future__ import annotations
@@ -61,13 +64,36 @@ def compute_fingerprint(
             "p00_5": float(np.percentile(pooled, 0.5)),
             "p99_5": float(np.percentile(pooled, 99.5)),
         },
-        "ranges": feature_ranges(records),
+        "ranges": feature_ranges(records, modality),
     }
 
 
-def subject_features(record: dict[str, Any]) -> dict[str, float | list[float]]:
+INTENSITY_FEATURES = ("image_p00_5", "image_p99_5", "fg_p00_5", "fg_p99_5")
+STANDARDISED_SUFFIX = "_z"
+
+
+def standardised_per_subject(modality: str | None) -> bool:
+    """Whether preprocessing z-scores each image on its own (every modality but CT; :mod:`nnqc_pipe.data.plan`),
+    so that absolute intensities never reach the models."""
+    return modality is not None and modality != "CT"
+
+
+def standardised_intensities(features: dict[str, Any], image_stats: dict[str, Any]) -> dict[str, Any]:
+    """``features`` with the intensity percentiles in the subject's z units (``(value − mean) / std`` of the whole
+    image, as preprocessing normalises) under their ``_z`` names; unchanged for a record without the whole
+    image's mean and std (an older ingestion record)."""
+    if "mean" not in image_stats or "std" not in image_stats:
+        return features
+    mean, std = float(image_stats["mean"]), max(float(image_stats["std"]), 1e-6)
+    return {(f"{k}{STANDARDISED_SUFFIX}" if k in INTENSITY_FEATURES else k):
+            ((float(v) - mean) / std if k in INTENSITY_FEATURES else v) for k, v in features.items()}
+
+
+def subject_features(record: dict[str, Any], modality: str | None = None) -> dict[str, float | list[float]]:
     """The domain-shift features of a subject's ingestion record (lists per axis): geometry and whole-image
-    intensity percentiles of every subject; foreground intensity percentiles, volume and extent with a label."""
+    intensity percentiles of every subject; foreground intensity percentiles, volume and extent with a label.
+    With a ``modality`` whose images are z-scored per subject, the intensities in z units
+    (:func:`standardised_intensities`)."""
     spacing = np.asarray(record["ras_spacing"], dtype=float)
     features: dict[str, float | list[float]] = {
         "spacing_mm": spacing.tolist(),
@@ -81,14 +107,18 @@ def subject_features(record: dict[str, Any]) -> dict[str, float | list[float]]:
         features["fg_p99_5"] = record["intensity"]["p99_5"]
         features["fg_volume_mm3"] = record["fg_voxels"] * float(np.prod(spacing))
         features["fg_extent_mm"] = list(record["fg_extent_mm"])
+    if standardised_per_subject(modality):
+        features = standardised_intensities(features, record.get("image_intensity", {}))
     return features
 
 
-def feature_ranges(records: list[dict[str, Any]]) -> dict[str, dict[str, float | list[float]]]:
-    """Per feature of :func:`subject_features`: its min and max over the records that carry it."""
+def feature_ranges(records: list[dict[str, Any]], modality: str | None = None
+                   ) -> dict[str, dict[str, float | list[float]]]:
+    """Per feature of :func:`subject_features` (for ``modality``): its min and max over the records that carry
+    it."""
     values: dict[str, list[float | list[float]]] = collections.defaultdict(list)
     for record in records:
-        for name, value in subject_features(record).items():
+        for name, value in subject_features(record, modality).items():
             values[name].append(value)
     return {name: {"min": np.min(v, axis=0).tolist(), "max": np.max(v, axis=0).tolist()}
             for name, v in values.items()}

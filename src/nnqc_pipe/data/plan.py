@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from nnqc_pipe.data.fingerprint import standardised_per_subject
+
 log = logging.getLogger(__name__)
 
 AXIAL = 2
@@ -95,7 +97,7 @@ def make_plan(fingerprint: dict[str, Any], overrides: dict[str, Any]) -> dict[st
         "crop_center_fraction": [fingerprint["fg_center_fraction_median"][a] for a in inplane],
         "divisor": int(overrides["divisor"]),
         "modality": modality,
-        "normalization": "ct" if modality == "CT" else "zscore",
+        "normalization": "zscore" if standardised_per_subject(modality) else "ct",
         "ct_clip": None,
         "ct_mean": None,
         "ct_std": None,

@@ -9,6 +9,10 @@ range's bounds):
 - subjects with a label file: their ground truth's foreground intensity percentiles and extent (mm per axis);
 - every candidate: its foreground volume (mm³) against the training foreground volumes.
 
+Intensities are compared in the units the models see: for a modality z-scored per subject (every one but CT) in
+the subject's own z units (:func:`nnqc_pipe.data.fingerprint.standardised_intensities`), so an MR scanner's
+arbitrary scale is no shift. A fingerprint of an older version, with raw ranges only, is compared raw.
+
 An unlabelled subject has no foreground to measure intensities or extent on; its intensities are compared on the
 whole image, against the training subjects' whole-image percentiles, and nothing else is assumed. A feature
 whose training range is not in the fingerprint (an older fingerprint) is not checked.
@@ -22,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nnqc_pipe.data.fingerprint import subject_features
+from nnqc_pipe.data.fingerprint import STANDARDISED_SUFFIX, subject_features
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +58,13 @@ def deviations(features: dict[str, Any], ranges: dict[str, dict[str, Any]], tole
     return reasons
 
 
-def subject_deviations(record: dict[str, Any], ranges: dict[str, dict[str, Any]], tolerance: float) -> list[str]:
-    """The subject-level reasons (geometry, intensities, GT extent); the GT's volume is left to the ``gt``
+def subject_deviations(record: dict[str, Any], ranges: dict[str, dict[str, Any]], tolerance: float,
+                       modality: str | None = None) -> list[str]:
+    """The subject-level reasons (geometry, intensities, GT extent; intensities as the fingerprint of ``modality``
+    holds them: in z units where it has their ranges, raw otherwise); the GT's volume is left to the ``gt``
     candidate."""
-    features = subject_features(record)
+    standardised = any(name.endswith(STANDARDISED_SUFFIX) for name in ranges)
+    features = subject_features(record, modality if standardised else None)
     features.pop("fg_volume_mm3", None)
     return deviations(features, ranges, tolerance)
 
@@ -96,7 +103,8 @@ def ood_table(records: dict[str, dict[str, Any]], fingerprint: dict[str, Any], c
         raise ValueError(f"no ingestion record for subject(s) {missing[:10]} (inspect/<subject>.json)")
     if candidates.duplicated(["subject", "source"]).any():
         raise ValueError("ood_table: candidates must have one row per (subject, source)")
-    per_subject = {s: subject_deviations(records[s], ranges, tolerance) for s in candidates.subject.unique()}
+    modality = fingerprint.get("modality")
+    per_subject = {s: subject_deviations(records[s], ranges, tolerance, modality) for s in candidates.subject.unique()}
     rows = []
     for subject, source, voxels in candidates[["subject", "source", "cand_voxels"]].itertuples(index=False):
         reasons = per_subject[subject] + candidate_deviations(voxels, records[subject], ranges, tolerance)
