@@ -80,7 +80,7 @@ def test_synthetic_failures_do_not_set_the_threshold():
 def test_too_few_failures_keep_the_configured_threshold_or_the_qc_models():
     rows = cohort(n_subjects=10)
     values, info = pass_threshold_label(rows, "predicted_dsc", 0.7, 0.8, 0.05)
-    assert not info["fitted"] and (values == 0.8).all() and "10 labelled failures" in info["reason"]
+    assert not info["fitted"] and (values == 0.8).all() and "10 labelled subjects with failures" in info["reason"]
     prior = {"score": "predicted_dsc", "threshold": 0.76}
     values, info = pass_threshold_label(rows, "predicted_dsc", 0.7, 0.8, 0.05, prior)
     assert (values == 0.76).all() and "QC model" in info["method"]
@@ -108,3 +108,17 @@ def test_verdicts_and_qc_pass_use_each_rows_threshold():
     assert decided["qc_pass"].tolist() == [True, False]
     assert decided["pass_threshold"].tolist() == [0.77, 0.8]
     assert "< 0.80" in decided["verdict_reason"].iloc[1]
+
+
+def test_the_exchangeable_unit_is_the_subject():
+    """Two failures of one subject count once (its highest score): 10 subjects with two failures each are too few
+    for a 95 % bound; 20 subjects bound the highest failure of each."""
+    rows = cohort(n_subjects=10)
+    doubled = pd.concat([rows, rows[rows["source"] == "bad_net"].assign(source="bad_net_2")], ignore_index=True)
+    _, info = pass_threshold_label(doubled, "predicted_dsc", 0.7, 0.8, 0.05)
+    assert info["failures"] == 20 and info["subjects_with_failures"] == 10 and not info["fitted"]
+    rows = cohort(n_subjects=20)
+    second = rows[rows["source"] == "bad_net"].assign(source="bad_net_2", predicted_dsc=0.4)
+    values, info = pass_threshold_label(pd.concat([rows, second], ignore_index=True), "predicted_dsc", 0.7, 0.8, 0.05)
+    base, _ = pass_threshold_label(rows, "predicted_dsc", 0.7, 0.8, 0.05)
+    np.testing.assert_array_equal(values[: len(rows)], base)  # a lower second failure changes no bar

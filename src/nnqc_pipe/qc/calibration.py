@@ -291,7 +291,10 @@ def pass_threshold_label(rows: pd.DataFrame, score_column: str, fail_dsc: float,
 
     The failures are the real segmenters' labelled masks (user sources, not ``gt`` nor ``degraded_*``: their
     scores are what the verdicts must catch; synthetic failures score lower and would set the bar too low) of real
-    DSC < ``fail_dsc``; the threshold is :func:`learned_pass_dsc` of their scores. Leave one subject out: every row
+    DSC < ``fail_dsc``. A subject's failures are not independent of one another (a hard image fails every
+    segmenter, and its pGT errs on all of them alike), so the exchangeable unit is the subject: the threshold is
+    :func:`learned_pass_dsc` of each subject's highest failure score, and bounds all of a new subject's failures at
+    once. Leave one subject out: every row
     of a labelled subject gets the threshold fitted on the other subjects' failures (a sort, so every subject can
     have its own fit; with 5 folds, a cohort just above the bound's minimum number of failures fell short in every
     fold); the other rows the fit on every failure. A fit with too few failures falls back to the ``prior``
@@ -307,21 +310,24 @@ def pass_threshold_label(rows: pd.DataFrame, score_column: str, fail_dsc: float,
     fallback = float(min(max(usable_prior["threshold"], fail_dsc + MIN_REVIEW_BAND), pass_dsc)) if usable_prior \
         else pass_dsc
 
-    def fit(mask: np.ndarray) -> float:
-        value = learned_pass_dsc(scores[mask], max_missed, fail_dsc, pass_dsc)
-        return fallback if value is None else value
+    worst = pd.Series(scores[failed]).groupby(subjects[failed]).max()
 
-    full = learned_pass_dsc(scores[failed], max_missed, fail_dsc, pass_dsc)
+    def fit(left_out: object = None) -> float | None:
+        return learned_pass_dsc(worst[worst.index != left_out].to_numpy(), max_missed, fail_dsc, pass_dsc)
+
+    full = fit()
     out = np.full(len(rows), fallback if full is None else full)
     info: dict[str, object] = {"score": score_column, "max_missed_failures": max_missed, "failures": int(failed.sum()),
+                               "subjects_with_failures": int(worst.size),
                                "labelled_subjects": len(set(subjects[labelled].tolist()))}
     if full is None:
         info.update(fitted=False, threshold=fallback,
-                    reason=f"{int(failed.sum())} labelled failures of real segmenters: too few to bound "
-                           f"{1 - max_missed:.0%} of failures",
+                    reason=f"{worst.size} labelled subjects with failures of real segmenters: too few to bound "
+                           f"{1 - max_missed:.0%} of them",
                     method=PRIOR_METHOD if usable_prior else "the configured qc_pass_dsc")
         return out, info
-    own = {subject: fit(failed & (subjects != subject)) for subject in sorted(set(subjects[labelled].tolist()))}
+    own = {subject: fallback if (value := fit(subject)) is None else value
+           for subject in sorted(set(subjects[labelled].tolist()))}
     for subject, value in own.items():
         out[subjects == subject] = value
     values = np.array(list(own.values()))
@@ -335,8 +341,8 @@ LEAVE_ONE_OUT = ("leave one subject out: each labelled subject's rows get the th
                  "failures; other rows the fit on every failure")
 
 
-PASS_METHOD = ("split-conformal bound of the real segmenters' labelled failures' scores, within [fail_dsc + "
-               f"{MIN_REVIEW_BAND}, qc_pass_dsc]")
+PASS_METHOD = ("split-conformal bound of the labelled subjects' highest failure score of a real segmenter, within "
+               f"[fail_dsc + {MIN_REVIEW_BAND}, qc_pass_dsc]")
 
 
 def pass_thresholds(subjects: pd.DataFrame, score_column: str, fail_dsc: float, pass_dsc: float,
