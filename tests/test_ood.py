@@ -32,9 +32,11 @@ def fingerprint():
     return compute_fingerprint(training, "MR", {1: "organ"})
 
 
-def test_widened_range_is_relative_to_the_larger_bound():
-    assert widened(100.0, 200.0, 0.1) == (80.0, 220.0)
-    assert widened(-1000.0, -900.0, 0.1) == (-1100.0, -800.0)
+def test_widened_range_is_relative_to_the_larger_bound_or_to_its_width():
+    assert widened(100.0, 200.0, 0.1, spread=0.0) == (80.0, 220.0)
+    assert widened(-1000.0, -900.0, 0.1) == (-1100.0, -800.0)  # 10 % of 1000 beats half the width, 50
+    assert widened(100.0, 200.0, 0.1) == (50.0, 250.0)  # half the width, 50, beats 10 % of 200
+    assert widened(0.586, 1.136, 0.1)[1] == pytest.approx(1.411)  # a z-unit range: the width decides
 
 
 def test_deviations_name_feature_axis_and_range():
