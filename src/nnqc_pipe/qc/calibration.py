@@ -284,6 +284,12 @@ def learned_pass_dsc(failure_scores: np.ndarray, max_missed: float, fail_dsc: fl
     return float(min(max(np.nextafter(bound, np.inf), fail_dsc + MIN_REVIEW_BAND), pass_dsc))
 
 
+PASS_METHOD = ("split-conformal bound of the labelled subjects' highest failure score of a real segmenter, within "
+               f"[fail_dsc + {MIN_REVIEW_BAND}, qc_pass_dsc]")
+LEAVE_ONE_OUT = ("leave one subject out: each labelled subject's rows get the threshold fitted without its "
+                 "failures; other rows the fit on every failure")
+
+
 def pass_threshold_label(rows: pd.DataFrame, score_column: str, fail_dsc: float, pass_dsc: float,
                          max_missed: float, prior: dict[str, Any] | None = None
                          ) -> tuple[np.ndarray, dict[str, object]]:
@@ -294,11 +300,11 @@ def pass_threshold_label(rows: pd.DataFrame, score_column: str, fail_dsc: float,
     DSC < ``fail_dsc``. A subject's failures are not independent of one another (a hard image fails every
     segmenter, and its pGT errs on all of them alike), so the exchangeable unit is the subject: the threshold is
     :func:`learned_pass_dsc` of each subject's highest failure score, and bounds all of a new subject's failures at
-    once. Leave one subject out: every row
-    of a labelled subject gets the threshold fitted on the other subjects' failures (a sort, so every subject can
-    have its own fit; with 5 folds, a cohort just above the bound's minimum number of failures fell short in every
-    fold); the other rows the fit on every failure. A fit with too few failures falls back to the ``prior``
-    threshold (a QC model's training cohort's, when fitted on the same score) or else to ``pass_dsc``.
+    once. Leave one subject out: every row of a labelled subject gets the threshold fitted on the other subjects'
+    failures (a sort, so every subject can have its own fit; with 5 folds, a cohort just above the bound's minimum
+    number of failures fell short in every fold); the other rows the fit on every failure. A fit with too few
+    failures falls back to the ``prior`` threshold (a QC model's training cohort's, when fitted on the same score)
+    or else to ``pass_dsc``.
     """
     scores = rows[score_column].to_numpy(dtype=float)
     real = rows["real_dsc"].to_numpy(dtype=float)
@@ -333,16 +339,8 @@ def pass_threshold_label(rows: pd.DataFrame, score_column: str, fail_dsc: float,
     values = np.array(list(own.values()))
     info.update(fitted=True, threshold=full, method=PASS_METHOD, cross_validated=LEAVE_ONE_OUT,
                 subjects_threshold={"min": float(values.min()), "max": float(values.max()),
-                                    "at_fallback": int((values == fallback).sum())} if own else None)
+                                    "at_fallback": int((values == fallback).sum())})
     return out, info
-
-
-LEAVE_ONE_OUT = ("leave one subject out: each labelled subject's rows get the threshold fitted without its "
-                 "failures; other rows the fit on every failure")
-
-
-PASS_METHOD = ("split-conformal bound of the labelled subjects' highest failure score of a real segmenter, within "
-               f"[fail_dsc + {MIN_REVIEW_BAND}, qc_pass_dsc]")
 
 
 def pass_thresholds(subjects: pd.DataFrame, score_column: str, fail_dsc: float, pass_dsc: float,

@@ -264,11 +264,11 @@ def verdict_shares(subjects: pd.DataFrame, qc_pass_dsc: float, thresholds: Verdi
                    max_missed_failures: float | None = None, prior: dict[str, dict[str, Any]] | None = None,
                    left_out: Sequence[str] = ()) -> pd.DataFrame:
     """For each score the verdicts can act on (:data:`VERDICT_SCORES`, where ``subjects`` has values of it and its
-    column is not ``left_out``: the opinions the config's ``methods`` leaves out) and each
-    board pool of the labelled rows (:func:`nnqc_pipe.report.methods.pools`): the shares of good masks and of
-    failures sent to REVIEW or FAIL (:func:`nnqc_pipe.report.methods.review_shares`) when the verdicts act on that
-    score, with its own pass thresholds (:func:`nnqc_pipe.qc.calibration.pass_thresholds`, the report's policy and
-    the QC model's ``prior`` thresholds). One row per :data:`nnqc_pipe.report.methods.BOARD_KEYS`."""
+    column is not ``left_out``: the opinions the config's ``methods`` leaves out) and each board pool of the
+    labelled rows (:func:`nnqc_pipe.report.methods.pools`): the shares of good masks and of failures sent to REVIEW
+    or FAIL (:func:`nnqc_pipe.report.methods.review_shares`) when the verdicts act on that score, with its own pass
+    thresholds (:func:`nnqc_pipe.qc.calibration.pass_thresholds`, the report's policy and the QC model's ``prior``
+    thresholds). One row per :data:`nnqc_pipe.report.methods.BOARD_KEYS`."""
     rows = []
     for name, column in VERDICT_SCORES.items():
         if column in left_out or column not in subjects or subjects[column].isna().all():
