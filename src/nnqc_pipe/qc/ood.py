@@ -7,8 +7,9 @@ of the larger magnitude of the range's bounds) and half the range's width. The w
 [min, max] of n training subjects leaves out an in-distribution subject with probability 2/(n + 1) per feature
 (about 10 % at n = 20, and there are a dozen features): on the shared hippocampus benchmark (20 training subjects)
 it sent subjects to review for a foreground contrast 0.1 SD beyond the training maximum while every segmenter did
-well on them (docs/method.md). Half the width keeps a normal feature's false alarms below 0.1 % at n = 20 and
-still flags a shift of several training spreads:
+well on them (docs/method.md). Half the width puts the bound near 3.7 SD of a normal feature whose 20 training
+values span their expected 3.7 SD (a rough estimate, not measured), and still flags a shift of several training
+spreads:
 
 - every subject: voxel spacing and field of view (mm, per RAS axis), whole-image intensity percentiles 0.5/99.5;
 - subjects with a label file: their ground truth's foreground intensity percentiles and extent (mm per axis);
